@@ -1,0 +1,172 @@
+"""The segmenter interface: what ``tile_process`` needs to know about a segmentation function.
+
+A *segmenter* is any callable ``fn(tile) -> labels``. Plain functions work as they are. A
+:class:`Segmenter` subclass can also declare what it prefers (overlap, stitching mode), how much
+memory it needs per voxel (for ``tile_shape="auto"``), whether it is a 2-D method that wants one
+z-slice per tile, and it can look at the whole image once before any tile runs (for example to
+compute global normalisation percentiles, so that neighbouring tiles see the same contrast).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Literal
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .io import ImageSource
+
+__all__ = ["MemoryModel", "Segmenter", "SegmenterInfo", "describe_segmenter", "fn_name"]
+
+StitchMode = Literal["faces", "iou", "none"]
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """Peak memory of one call of a segmenter, as a linear function of its input.
+
+    ``peak_bytes = bytes_per_input_byte * input_bytes + bytes_per_voxel * voxels + fixed_bytes``
+
+    where ``input_bytes`` is the size of the padded tile as given to the segmenter (all channels)
+    and ``voxels`` the number of spatial voxels of the padded tile.
+
+    Parameters
+    ----------
+    bytes_per_input_byte : float
+        Working memory per byte of raw input (Cellpose: about 20).
+    bytes_per_voxel : float
+        Working memory per spatial voxel independent of the input dtype (e.g. float32 maps).
+    fixed_bytes : int
+        Memory that does not depend on the tile (model weights, CUDA context).
+    scale : float
+        Factor applied to the voxel count before the per-voxel terms, for methods that resample
+        the tile (Cellpose rescales by ``30 / diameter`` per axis).
+
+    Examples
+    --------
+    >>> m = MemoryModel(bytes_per_input_byte=20, fixed_bytes=2 * 1024**3)
+    >>> m.peak_bytes(voxels=1000, input_itemsize=2, channels=1)
+    2147523648
+    """
+
+    bytes_per_input_byte: float = 4.0
+    bytes_per_voxel: float = 16.0
+    fixed_bytes: int = 0
+    scale: float = 1.0
+
+    def per_voxel_bytes(self, input_itemsize: int, channels: int = 1) -> float:
+        """Bytes per spatial voxel of the padded tile, excluding ``fixed_bytes``."""
+        per = self.bytes_per_input_byte * input_itemsize * channels + self.bytes_per_voxel
+        return per * self.scale
+
+    def peak_bytes(self, voxels: int, input_itemsize: int, channels: int = 1) -> int:
+        """Predicted peak bytes for a padded tile of ``voxels`` spatial voxels."""
+        return int(voxels * self.per_voxel_bytes(input_itemsize, channels) + self.fixed_bytes)
+
+
+#: Used for plain functions that declare nothing: room for a few float32 copies of the tile.
+DEFAULT_MEMORY_MODEL = MemoryModel(bytes_per_input_byte=4.0, bytes_per_voxel=16.0)
+
+
+class Segmenter:
+    """Base class for segmenters that declare their preferences.
+
+    Subclasses implement :meth:`segment` (called on every tile) and may override the class
+    attributes below. Everything has a default, so only ``segment`` is required. Instances must
+    pickle cheaply (they are shipped to dask workers): load models lazily, never in ``__init__``,
+    and drop them in ``__getstate__``.
+
+    Attributes
+    ----------
+    name : str
+        Short name (the entry-point name for registered plugins).
+    preferred_overlap : int or tuple of int or None
+        Halo the method needs, in voxels (typically about one object diameter).
+    preferred_stitch : {"faces", "iou", "none"} or None
+        Stitching mode that suits the method.
+    memory_model : MemoryModel or None
+        Working memory per tile, used by ``tile_shape="auto"``.
+    spatial_ndim : int or None
+        2 for methods that segment one 2-D plane at a time: ``"auto"`` then uses tiles one
+        voxel deep in every leading axis. None: the method takes tiles of any dimensionality.
+    channel_axis : int or None
+        Set by ``tile_process`` before the first tile: where the channel axis is in each tile.
+    """
+
+    name: str = "segmenter"
+    preferred_overlap: int | tuple[int, ...] | None = None
+    preferred_stitch: StitchMode | None = None
+    memory_model: MemoryModel | None = None
+    spatial_ndim: int | None = None
+    channel_axis: int | None = None
+
+    def segment(self, tile: np.ndarray) -> np.ndarray:
+        """Return an integer label image with the spatial shape of ``tile`` (0 = background)."""
+        raise NotImplementedError
+
+    def prepare(self, image: ImageSource) -> None:
+        """Look at the whole image once, before any tile runs (global statistics).
+
+        ``image`` is an :class:`blockbuster.io.ImageSource`; use ``image.to_dask()`` or
+        ``image.sample(...)`` to stream over it. Never load the whole image.
+        """
+
+    def config(self) -> dict[str, Any]:
+        """Parameters that define the result; a resumed run must have the same ones."""
+        return {}
+
+    def __call__(self, tile: np.ndarray) -> np.ndarray:
+        return self.segment(tile)
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+        return f"{type(self).__name__}({params})"
+
+
+@dataclass(frozen=True)
+class SegmenterInfo:
+    """What ``tile_process`` reads off a segmenter (plain callables get the defaults)."""
+
+    name: str
+    preferred_overlap: tuple[int, ...] | int | None
+    preferred_stitch: str | None
+    memory_model: MemoryModel
+    spatial_ndim: int | None
+    identity: dict[str, Any]
+
+
+def fn_name(fn: Callable) -> str:
+    """A readable name for any callable, for error messages and the run manifest.
+
+    Examples
+    --------
+    >>> import functools, numpy
+    >>> fn_name(numpy.zeros_like)
+    'numpy.zeros_like'
+    >>> fn_name(functools.partial(numpy.zeros_like, dtype=int))
+    "functools.partial(numpy.zeros_like, dtype=<class 'int'>)"
+    """
+    import functools
+
+    if isinstance(fn, functools.partial):
+        args = [fn_name(fn.func)] + [repr(a) for a in fn.args]
+        args += [f"{k}={v!r}" for k, v in fn.keywords.items()]
+        return f"functools.partial({', '.join(args)})"
+    if isinstance(fn, Segmenter):
+        return repr(fn)
+    module = getattr(fn, "__module__", None) or ""
+    qualname = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    return f"{module}.{qualname}" if module else qualname
+
+
+def describe_segmenter(fn: Callable) -> SegmenterInfo:
+    """Collect a segmenter's declared preferences; plain callables get defaults."""
+    return SegmenterInfo(
+        name=getattr(fn, "name", None) or fn_name(fn),
+        preferred_overlap=getattr(fn, "preferred_overlap", None),
+        preferred_stitch=getattr(fn, "preferred_stitch", None),
+        memory_model=getattr(fn, "memory_model", None) or DEFAULT_MEMORY_MODEL,
+        spatial_ndim=getattr(fn, "spatial_ndim", None),
+        identity={"fn": fn_name(fn), **(fn.config() if isinstance(fn, Segmenter) else {})},
+    )
