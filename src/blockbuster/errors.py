@@ -53,11 +53,19 @@ class TileError(BlockbusterError, RuntimeError):
         self.traceback_text = tb
 
 
-class TileFailures(BlockbusterError, RuntimeError):
-    """One or more tiles failed; the rest were kept and a resume redoes only the failed ones."""
+class TileFailures(TileError):
+    """One or more tiles failed; the rest were kept and a resume redoes only the failed ones.
+
+    ``failures`` lists one :class:`TileError` per failed tile; the attributes of the first one
+    are also set on this error.
+    """
 
     def __init__(self, message: str, failures: list[TileError]):
-        super().__init__(message)
+        first = failures[0] if failures else None
+        super().__init__(message, tile_index=getattr(first, "tile_index", None),
+                         region=getattr(first, "region", None),
+                         fn_name=getattr(first, "fn_name", None),
+                         tb=getattr(first, "traceback_text", None))
         self.failures = failures
 
 

@@ -45,7 +45,7 @@ class MemoryModel:
 
     Examples
     --------
-    >>> m = MemoryModel(bytes_per_input_byte=20, fixed_bytes=2 * 1024**3)
+    >>> m = MemoryModel(bytes_per_input_byte=20, bytes_per_voxel=0, fixed_bytes=2 * 1024**3)
     >>> m.peak_bytes(voxels=1000, input_itemsize=2, channels=1)
     2147523648
     """

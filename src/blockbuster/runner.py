@@ -1,0 +1,677 @@
+"""``tile_process``: open the image -> plan tiles -> run fn per tile -> stitch -> write.
+
+Pass 1 streams the tiles through ``fn`` (one task per tile). Each task reads its padded region,
+calls ``fn``, checks the result, numbers the tile's objects 1..n, writes the core to
+``raw.zarr`` in the work directory and saves a small record (label counts and the boundary data
+stitching needs). Stitching matches neighbouring tiles from those records alone, solves the
+global labelling, and a last streaming pass maps every tile's core to its final labels in the
+output, whose chunks are exactly the tile cores.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import tempfile
+import traceback
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from . import stitching
+from .errors import (
+    IncompleteOutputError,
+    InputError,
+    OutputExistsError,
+    TileError,
+    TileFailures,
+)
+from .execution import active_client, run_tasks
+from .io import ImageSource, default_output_path, open_image
+from .progress import make_progress
+from .segmenter import Segmenter, SegmenterInfo, describe_segmenter, fn_name
+from .store import TileRecord, WorkDir, check_same_params, work_dir_for
+from .tiling import Tile, TileGrid, clip_depth, normalize_overlap
+
+__all__ = ["tile_process", "open_labels"]
+
+log = logging.getLogger("blockbuster")
+
+FORMAT_VERSION = 1
+#: Stop early when this many tiles failed before any succeeded: the fn is broken, not the data.
+FAIL_FAST_AFTER = 3
+
+
+# -- the per-tile work (runs in the worker) ---------------------------------------------------
+@dataclass
+class RunContext:
+    """Everything a tile task needs; pickled once per run and shipped to workers."""
+
+    source: ImageSource
+    fn: Callable[[np.ndarray], np.ndarray]
+    fn_label: str
+    grid: TileGrid
+    mode: str
+    work_path: Path
+    table: bool
+    retries: int
+    _raw: Any = field(default=None, repr=False)
+
+    @property
+    def work(self) -> WorkDir:
+        return WorkDir(self.work_path)
+
+    @property
+    def raw(self) -> zarr.Array:
+        if self._raw is None:
+            self._raw = self.work.open_raw()
+        return self._raw
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_raw": None}
+
+
+@dataclass
+class TileOutcome:
+    tile_id: int
+    n_labels: int = 0
+    error: TileError | None = None
+
+
+def segment_tile(ctx: RunContext, tile_id: int) -> TileOutcome:
+    """Pass 1 for one tile: read, segment, check, number, save core and record."""
+    tile = ctx.grid.tile(tile_id)
+    data = ctx.source.read(tile.padded)
+    result, error = _call_with_retries(ctx, tile, data)
+    if error is not None:
+        ctx.work.save_failure(tile_id, error.traceback_text or str(error))
+        return TileOutcome(tile_id, error=error)
+    del data
+    labels = _check_result(ctx, tile, result)
+    if ctx.mode == "iou":
+        local, n = stitching.sequential_local_labels(labels)
+        core = local[tile.inner]
+        boundary = stitching.boundary_arrays(ctx.grid, tile, local, ctx.mode)
+    else:
+        core, n = stitching.sequential_local_labels(labels[tile.inner])
+        boundary = stitching.boundary_arrays(ctx.grid, tile, core, ctx.mode)
+    del labels, result
+    arrays = {"counts": stitching.count_per_label(core, n), **boundary}
+    if ctx.table:
+        arrays.update(_object_stats(core, n, tile))
+    ctx.raw[tile.core] = core.astype(ctx.raw.dtype, copy=False)
+    # The record is written last: its presence is what marks the tile as done.
+    ctx.work.save_record(tile_id, TileRecord({"tile": tile_id, "n": n}, arrays))
+    return TileOutcome(tile_id, n)
+
+
+def _call_with_retries(ctx: RunContext, tile: Tile, data: np.ndarray):
+    error = None
+    for attempt in range(ctx.retries + 1):
+        try:
+            return ctx.fn(data), None
+        except Exception as exc:  # the user's fn may raise anything; report it with the tile
+            tb = traceback.format_exc()
+            error = TileError(
+                f"{ctx.fn_label} failed on {tile.describe()} after {attempt + 1} attempt(s): "
+                f"{type(exc).__name__}: {exc}",
+                tile_index=tile.index, region=tile.padded, fn_name=ctx.fn_label, tb=tb,
+            )
+            error.__cause__ = exc
+    return None, error
+
+
+def _check_result(ctx: RunContext, tile: Tile, result: Any) -> np.ndarray:
+    """The fn's result must be a non-negative integer label image of the tile's spatial shape."""
+
+    def fail(problem: str) -> TileError:
+        return TileError(f"{ctx.fn_label} returned {problem} for {tile.describe()}",
+                         tile_index=tile.index, region=tile.padded, fn_name=ctx.fn_label)
+
+    if result is None:
+        raise fail("None instead of a label image")
+    labels = np.asarray(result)
+    if labels.shape != tile.padded_shape:
+        raise fail(f"an array of shape {labels.shape}; expected the tile's spatial shape "
+                   f"{tile.padded_shape}")
+    if labels.dtype == bool or not np.issubdtype(labels.dtype, np.integer):
+        raise fail(f"dtype {labels.dtype}; labels must be integers (0 = background). If this is "
+                   "a mask, label it first, e.g. with scipy.ndimage.label")
+    if np.issubdtype(labels.dtype, np.signedinteger) and labels.size and labels.min() < 0:
+        raise fail("negative labels; labels must be >= 0 (0 = background)")
+    return labels
+
+
+def _object_stats(core: np.ndarray, n: int, tile: Tile) -> dict[str, np.ndarray]:
+    """Per local label: bounding box (global, half-open) and coordinate sums, for the table."""
+    from scipy import ndimage
+
+    ndim = core.ndim
+    lo = np.zeros((n + 1, ndim), np.int64)
+    hi = np.zeros((n + 1, ndim), np.int64)
+    for label, box in enumerate(ndimage.find_objects(core, max_label=n), start=1):
+        if box is not None:
+            lo[label] = [s.start + c.start for s, c in zip(box, tile.core)]
+            hi[label] = [s.stop + c.start for s, c in zip(box, tile.core)]
+    sums = np.zeros((n + 1, ndim), np.float64)
+    flat = core.ravel()
+    for axis in range(ndim):
+        shape = [1] * ndim
+        shape[axis] = core.shape[axis]
+        coord = np.arange(core.shape[axis], dtype=np.float64).reshape(shape) + tile.core[axis].start
+        sums[:, axis] = np.bincount(flat, weights=np.broadcast_to(coord, core.shape).ravel(),
+                                    minlength=n + 1)[: n + 1]
+    return {"bbox_lo": lo, "bbox_hi": hi, "coord_sum": sums}
+
+
+# -- stitching tasks --------------------------------------------------------------------------
+@dataclass
+class StitchContext:
+    grid: TileGrid
+    mode: str
+    work_path: Path
+    connectivity: int
+    iou_threshold: float
+
+
+def match_tile(ctx: StitchContext, tile_id: int) -> tuple[int, list[tuple[int, np.ndarray, np.ndarray]]]:
+    """Match one tile with each of its forward neighbours; returns local label pairs."""
+    work = WorkDir(ctx.work_path)
+    grid = ctx.grid
+    a = grid.tile(tile_id)
+    max_nonzero = ctx.connectivity if ctx.mode == "faces" else None
+    a_rec = None
+    found = []
+    for off in grid.forward_offsets(max_nonzero):
+        j = grid.neighbour(a.index, off)
+        if j is None:
+            continue
+        b = grid.tile(j)
+        if ctx.mode == "iou" and grid.overlap_region(a, b) is None:
+            continue
+        a_rec = a_rec or work.load_record(tile_id)
+        la, lb = stitching.match_pair(grid, a, b, off, a_rec, work.load_record(b.id), ctx.mode,
+                                      connectivity=ctx.connectivity,
+                                      iou_threshold=ctx.iou_threshold)
+        if la.size:
+            found.append((b.id, la, lb))
+    return tile_id, found
+
+
+@dataclass
+class RelabelContext:
+    grid: TileGrid
+    work_path: Path
+    output: zarr.Array
+    offsets: np.ndarray
+    n_local: np.ndarray
+    _final: Any = field(default=None, repr=False)
+    _raw: Any = field(default=None, repr=False)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_final": None, "_raw": None}
+
+
+def relabel_tile(ctx: RelabelContext, tile_id: int) -> int:
+    """Write one tile's final labels: its raw core through its own slice of the final map."""
+    if ctx._final is None:
+        ctx._final = WorkDir(ctx.work_path).open_final_map()
+        ctx._raw = WorkDir(ctx.work_path).open_raw()
+    tile = ctx.grid.tile(tile_id)
+    start = int(ctx.offsets[tile_id])
+    lut = ctx._final[start: start + int(ctx.n_local[tile_id]) + 1]
+    ctx.output[tile.core] = stitching.relabel(ctx._raw[tile.core], lut)
+    return tile_id
+
+
+# -- planning ---------------------------------------------------------------------------------
+def _resolve_fn(fn: Any, channel_axis: int | None) -> Callable:
+    if isinstance(fn, str):
+        from .plugins import get_segmenter
+
+        fn = get_segmenter(fn)
+    if not callable(fn):
+        raise InputError(f"fn must be a callable, a Segmenter or a registered segmenter name; "
+                         f"got {type(fn).__name__}")
+    if isinstance(fn, Segmenter):
+        fn.channel_axis = channel_axis
+    return fn
+
+
+def _resolve_tile_shape(tile_shape: Any, source: ImageSource, overlap: tuple[int, ...],
+                        info: SegmenterInfo, use_gpu: bool, memory: int | None):
+    """Tile chunks (dask style) from a tuple, "auto", a callable, or None (the input's chunks)."""
+    from . import sizing
+
+    spatial = source.spatial_shape
+    if isinstance(tile_shape, str):
+        if tile_shape != "auto":
+            raise InputError(f"tile_shape={tile_shape!r}: use a tuple, 'auto' or a callable")
+        plan = sizing.plan_tile_shape(
+            spatial, source.dtype, overlap=overlap, use_gpu=use_gpu, memory=memory,
+            memory_model=info.memory_model, channels=source.n_channels,
+            chunks=source.spatial_storage_chunks, spatial_ndim=info.spatial_ndim)
+        log.info("tile_shape='auto': %s", plan.reason)
+        return plan.shape
+    if use_gpu:
+        sizing.available_memory(use_gpu=True)  # fail early and clearly when there is no GPU
+    if tile_shape is None:
+        if source.kind == "dask":
+            return tuple(source.array.chunks[a] for a in source.spatial_axes)
+        if source.spatial_storage_chunks is None:
+            raise InputError("tile_shape=None uses the input's own chunks, but a NumPy array has "
+                             "none; pass a tuple or 'auto'")
+        return source.spatial_storage_chunks
+    if callable(tile_shape):
+        result = tile_shape(spatial, source.dtype)
+        return sizing.validate_tile_shape(result, spatial,
+                                          source=f"tile_shape callable {fn_name(tile_shape)}")
+    return sizing.validate_tile_shape(tile_shape, spatial)
+
+
+def _plan_grid(spatial: tuple[int, ...], chunks, overlap: tuple[int, ...]) -> TileGrid:
+    grid = TileGrid(spatial, chunks)
+    depth = clip_depth(overlap, grid.chunks)
+    clipped = [ax for ax, (o, d) in enumerate(zip(overlap, depth)) if d < o and len(grid.chunks[ax]) > 1]
+    surprising = [ax for ax in clipped if grid.tile_shape[ax] > 1]
+    if surprising:
+        warnings.warn(
+            f"overlap {overlap} reduced to {depth}: the halo must be smaller than the tile on "
+            f"every axis (tile shape {grid.tile_shape}); use larger tiles to keep the overlap",
+            UserWarning, stacklevel=3)
+    elif clipped:
+        log.info("overlap %s reduced to %s on axes with tiles one voxel deep", overlap, depth)
+    return TileGrid(spatial, grid.chunks, depth)
+
+
+def _resolve_stitch(stitch: str, info: SegmenterInfo, grid: TileGrid) -> str:
+    if stitch == "auto":
+        preferred = info.preferred_stitch
+        if preferred == "iou" and not any(grid.depth):
+            preferred = "faces"
+        return preferred or ("iou" if any(grid.depth) else "faces")
+    if grid.n_tiles == 1 and stitch in stitching.STITCH_MODES:
+        return stitch if stitch != "iou" or any(grid.depth) else "faces"
+    return stitch
+
+
+# -- output -----------------------------------------------------------------------------------
+@dataclass
+class OutputTarget:
+    """Where the labels go, and where the work directory lives."""
+
+    path: Path | None
+    store: Any
+    work_path: Path
+    temporary: bool = False
+
+    def exists(self) -> bool:
+        if self.path is not None:
+            return self.path.exists()
+        try:
+            zarr.open_array(store=self.store, mode="r")
+            return True
+        except Exception:
+            return False
+
+    def open(self, mode: str = "r") -> zarr.Array:
+        return zarr.open_array(store=str(self.path) if self.path else self.store, mode=mode)
+
+    def remove(self) -> None:
+        if self.path is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _resolve_output(output: Any, source: ImageSource, work_dir: Any) -> OutputTarget:
+    if output is None:
+        if source.path is not None:
+            output = default_output_path(source.path)
+        else:
+            tmp = Path(tempfile.mkdtemp(prefix="blockbuster-"))
+            log.info("in-memory input: writing labels to %s", tmp / "labels.zarr")
+            return OutputTarget(tmp / "labels.zarr", None, tmp / "labels.zarr.blockbuster-work",
+                                temporary=True)
+    if isinstance(output, (str, Path)):
+        path = Path(output)
+        if source.path is not None and path.resolve() == source.path.resolve():
+            raise InputError(f"output {path} is the input image; choose another path")
+        return OutputTarget(path, None, Path(work_dir) if work_dir else work_dir_for(path))
+    work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="blockbuster-work-"))
+    return OutputTarget(None, output, work)
+
+
+def _completion(arr: zarr.Array) -> dict[str, Any] | None:
+    meta = arr.attrs.get("blockbuster")
+    return meta if isinstance(meta, dict) else None
+
+
+def open_labels(path: str | Path, *, allow_incomplete: bool = False) -> zarr.Array:
+    """Open labels written by :func:`tile_process`, refusing an unfinished output.
+
+    Raises
+    ------
+    IncompleteOutputError
+        The run that writes this output has not finished (or died); resume it.
+    """
+    arr = zarr.open_array(store=str(path), mode="r")
+    meta = _completion(arr)
+    if not allow_incomplete and (meta is None or not meta.get("complete")):
+        raise IncompleteOutputError(
+            f"{path} is not a complete blockbuster output (the run that writes it did not "
+            "finish); rerun tile_process with resume=True to finish it")
+    return arr
+
+
+# -- the run ----------------------------------------------------------------------------------
+def tile_process(
+    image: Any,
+    fn: Callable[[np.ndarray], np.ndarray] | Segmenter | str,
+    tile_shape: Sequence[int] | str | Callable | None = "auto",
+    overlap: int | Sequence[int] | None = None,
+    *,
+    output: str | Path | Any | None = None,
+    channel_axis: int | None = None,
+    stitch: str = "auto",
+    iou_threshold: float = 0.5,
+    connectivity: int = 1,
+    use_gpu: bool = False,
+    memory: int | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    client: Any = None,
+    progress: bool | None = None,
+    table: bool | str | Path = False,
+    retries: int = 1,
+    work_dir: str | Path | None = None,
+    keep_work: bool = False,
+) -> zarr.Array:
+    """Segment an image of any size tile by tile and write one seamless labelling to zarr.
+
+    Parameters
+    ----------
+    image : path, numpy.ndarray, dask.array.Array or zarr.Array
+        A zarr array (v2 or v3), an OME-Zarr image (full resolution is used), a TIFF/OME-TIFF
+        (streamed, never read whole), or an array in memory.
+    fn : callable, Segmenter or str
+        ``fn(tile) -> labels``: takes one NumPy tile with its halo (axes in the input's order)
+        and returns integer labels of the tile's spatial shape, 0 = background. A registered
+        segmenter name (e.g. ``"watershed"``) is looked up among the installed plugins.
+    tile_shape : tuple of int, "auto", callable or None
+        Core size of a tile per spatial axis (``(1, 512, 512)``: 2-D per slice;
+        ``(120, 512, 512)``: 3-D). ``"auto"`` sizes cubic tiles from free RAM (or GPU memory with
+        ``use_gpu``); a callable is called as ``tile_shape(shape, dtype)``; None uses the
+        input's own chunks.
+    overlap : int or tuple of int, optional
+        Halo added on every side of each tile, per axis. Clipped per axis to stay smaller than
+        the tile (a z-tile of 1 gets 0). Default: the segmenter's preferred overlap, else 0.
+    output : path or zarr store, optional
+        Where to write the labels. Default: ``<input>.labels.zarr`` next to a path input, or a
+        temporary directory for in-memory input.
+    channel_axis : int, optional
+        Axis of the input holding channels: never tiled, absent from the output.
+    stitch : {"auto", "faces", "iou", "none"}
+        How labels are joined across tile borders (see :mod:`blockbuster.stitching`). "auto":
+        the segmenter's preference, else "iou" with an overlap and "faces" without.
+    iou_threshold : float
+        For ``stitch="iou"``: merge objects whose IoU in the shared region exceeds this.
+    connectivity : int
+        For ``stitch="faces"``: 1 = faces only, up to ndim = corners too (as scipy.ndimage).
+    use_gpu : bool
+        Size ``"auto"`` tiles from free GPU memory; fails clearly when no GPU is present.
+    memory : int, optional
+        Memory budget in bytes for ``"auto"``, instead of probing the machine.
+    overwrite : bool
+        Replace an existing output (and any unfinished run's work directory).
+    resume : bool
+        Continue an unfinished run on the same output with the same arguments: finished tiles
+        are not run again.
+    client : distributed.Client or "active", optional
+        Run tiles on a dask.distributed cluster instead of sequentially in this process.
+    progress : bool, optional
+        Show progress bars; default: only on a terminal.
+    table : bool or path
+        Also compute an object table (voxel count, bounding box, centroid per label). True
+        writes ``<output>.objects.csv`` (or Parquet for a ``.parquet`` path).
+    retries : int
+        How many times a tile whose fn raised is tried again before it counts as failed.
+    work_dir : path, optional
+        Where the run keeps its state; default ``<output>.blockbuster-work`` next to the output.
+    keep_work : bool
+        Keep the work directory after success (for debugging).
+
+    Returns
+    -------
+    zarr.Array
+        The labels (uint32, or uint64 when needed), chunked on the tile cores.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from scipy import ndimage
+    >>> mask = np.zeros((6, 6), np.uint8); mask[1:5, 2] = 1; mask[1, 2:5] = 1
+    >>> label = lambda tile: ndimage.label(tile)[0]
+    >>> out = tile_process(mask, label, tile_shape=(3, 3), stitch="faces")
+    >>> int(out[:].max())  # one object although it crosses four tiles
+    1
+    """
+    source = open_image(image, channel_axis)
+    fn = _resolve_fn(fn, source.channel_axis)
+    info = describe_segmenter(fn)
+    if overlap is None:
+        overlap = info.preferred_overlap or 0
+    overlap_t = normalize_overlap(overlap, len(source.spatial_shape))
+    if not 0.0 <= iou_threshold < 1.0:
+        raise InputError(f"iou_threshold={iou_threshold} must be in [0, 1)")
+    if retries < 0:
+        raise InputError(f"retries={retries} must be >= 0")
+    chunks = _resolve_tile_shape(tile_shape, source, overlap_t, info, use_gpu, memory)
+    grid = _plan_grid(source.spatial_shape, chunks, overlap_t)
+    mode = _resolve_stitch(stitch, info, grid)
+    stitching.check_mode(mode, grid.depth, connectivity, grid.ndim)
+    target = _resolve_output(output, source, work_dir)
+    manifest = _manifest(source, info, grid, mode, connectivity, iou_threshold, table)
+    work = WorkDir(target.work_path)
+    done = _prepare_work(target, work, manifest, overwrite=overwrite, resume=resume)
+    if done is not None:
+        return done
+    try:
+        return _run(source, fn, info, grid, mode, target, work, manifest,
+                    connectivity=connectivity, iou_threshold=iou_threshold, client=client,
+                    progress=progress, table=table, retries=retries, keep_work=keep_work,
+                    use_gpu=use_gpu)
+    finally:
+        work.release_lock()
+
+
+def _manifest(source: ImageSource, info: SegmenterInfo, grid: TileGrid, mode: str,
+              connectivity: int, iou_threshold: float, table: Any) -> dict[str, Any]:
+    params = {
+        "input": str(source.path) if source.path else f"<in-memory {source.kind}>",
+        "shape": list(source.shape),
+        "dtype": source.dtype.str,
+        "channel_axis": source.channel_axis,
+        "segmenter": info.identity,
+        "tile_chunks": [list(c) for c in grid.chunks],
+        "depth": list(grid.depth),
+        "stitch": mode,
+        "connectivity": connectivity if mode == "faces" else None,
+        "iou_threshold": iou_threshold if mode == "iou" else None,
+        "table": bool(table),
+    }
+    return {"format": FORMAT_VERSION, "params": params}
+
+
+def _prepare_work(target: OutputTarget, work: WorkDir, manifest: dict[str, Any], *,
+                  overwrite: bool, resume: bool) -> zarr.Array | None:
+    """Decide between a fresh run, a resumed one, or refusing; take the lock.
+
+    Returns the existing output when it is already complete with the same parameters.
+    """
+    work.acquire_lock()
+    try:
+        if work.exists() and not overwrite:
+            if not resume:
+                raise OutputExistsError(
+                    f"an unfinished run left {work.path}; pass resume=True to continue it, or "
+                    "overwrite=True to start again")
+            work.check_same_run(manifest)
+            if target.exists():
+                meta = _completion(target.open())
+                if meta and meta.get("complete"):
+                    work.remove()
+                    return target.open()
+            return None
+        if target.exists() and not overwrite:
+            existing = _completion(target.open())
+            if resume and existing and existing.get("complete"):
+                check_same_params(existing.get("params", {}), manifest["params"],
+                                  str(target.path or target.store))
+                return target.open()
+            raise OutputExistsError(
+                f"output {target.path or target.store} already exists; pass overwrite=True to "
+                "replace it (or choose another output)")
+        if overwrite:
+            target.remove()
+            _clear_work(work)
+        work.create(manifest)
+        return None
+    except BaseException:
+        work.release_lock()
+        raise
+
+
+def _clear_work(work: WorkDir) -> None:
+    for child in list(work.path.iterdir()) if work.path.exists() else []:
+        if child.name != "lock":
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
+def _run(source, fn, info, grid, mode, target, work, manifest, *, connectivity, iou_threshold,
+         client, progress, table, retries, keep_work, use_gpu) -> zarr.Array:
+    client = active_client(client)
+    _log_plan(source, info, grid, mode)
+    if isinstance(fn, Segmenter):
+        fn.prepare(source)
+    raw_dtype = np.uint32 if math.prod(max(c) + 2 * d for c, d in zip(grid.chunks, grid.depth)) < 2**32 else np.uint64
+    if not work.raw_path.exists():
+        work.create_raw(source.spatial_shape, grid.tile_shape, raw_dtype)
+    ctx = RunContext(source, fn, fn_name(fn), grid, mode, work.path, bool(table), retries)
+    _segment_all(ctx, work, client, progress)
+    stitched = _stitch(grid, mode, work, connectivity, iou_threshold, client, progress)
+    out = _write_output(target, grid, work, stitched, manifest, client, progress)
+    if table:
+        from .table import write_object_table
+
+        write_object_table(work, grid, stitched, _table_path(table, target))
+    _mark_complete(out, manifest, stitched.n_labels)
+    if not keep_work:
+        work.remove()
+    log.info("wrote %d objects to %s", stitched.n_labels, target.path or target.store)
+    return out
+
+
+def _log_plan(source: ImageSource, info: SegmenterInfo, grid: TileGrid, mode: str) -> None:
+    from .sizing import format_bytes, predict_peak_bytes
+
+    peak = predict_peak_bytes(grid.tile_shape, source.dtype, overlap=grid.depth,
+                              channels=source.n_channels, memory_model=info.memory_model,
+                              image_shape=source.spatial_shape)
+    log.info("tile shape %s, overlap %s, %d tiles, stitch=%s, predicted peak memory %s",
+             grid.tile_shape, grid.depth, grid.n_tiles, mode, format_bytes(peak))
+
+
+def _segment_all(ctx: RunContext, work: WorkDir, client: Any, progress: bool | None) -> None:
+    done = work.done_tiles()
+    todo = [t for t in range(ctx.grid.n_tiles) if t not in done]
+    if done:
+        log.info("resuming: %d of %d tiles already done", len(done), ctx.grid.n_tiles)
+    failures: list[TileError] = []
+    succeeded = [0]
+
+    def watch(outcome: TileOutcome) -> None:
+        if outcome.error is None:
+            succeeded[0] += 1
+            return
+        failures.append(outcome.error)
+        if succeeded[0] == 0 and len(failures) >= FAIL_FAST_AFTER:
+            raise _failures(failures, stopped_early=True)
+
+    with make_progress(ctx.grid.n_tiles, "segmenting", progress, initial=len(done)) as bar:
+        run_tasks(segment_tile, todo, ctx, client=client, progress=bar, name="segment",
+                  on_result=watch)
+    if failures:
+        raise _failures(failures, stopped_early=False)
+
+
+def _failures(failures: list[TileError], stopped_early: bool) -> TileFailures:
+    listed = "\n".join(f"  - {e}" for e in failures[:10])
+    more = f"\n  ... and {len(failures) - 10} more" if len(failures) > 10 else ""
+    head = (f"stopped after the first {len(failures)} tiles all failed" if stopped_early
+            else f"{len(failures)} tile(s) failed; the other tiles are kept")
+    tail = ("\nThe output is incomplete. Fix the cause and rerun with resume=True: only the "
+            "unfinished tiles run again.")
+    if failures[0].traceback_text:
+        tail += f"\nTraceback of the first failure:\n{failures[0].traceback_text}"
+    err = TileFailures(f"{head}:\n{listed}{more}{tail}", failures)
+    err.__cause__ = failures[0].__cause__
+    return err
+
+
+def _stitch(grid: TileGrid, mode: str, work: WorkDir, connectivity: int, iou_threshold: float,
+            client: Any, progress: bool | None) -> stitching.Stitched:
+    n_local = np.zeros(grid.n_tiles, np.int64)
+    counts = []
+    for t in range(grid.n_tiles):
+        rec = work.load_record(t)
+        n_local[t] = rec.meta["n"]
+        counts.append(rec.get("counts"))
+    offsets = np.concatenate([[0], np.cumsum(n_local + 1)[:-1]])
+    has_core = np.concatenate(counts) > 0
+    has_core[offsets] = False  # each tile's local 0 is background
+    sctx = StitchContext(grid, mode, work.path, connectivity, iou_threshold)
+    edges_a, edges_b = [], []
+    if mode != "none" and grid.n_tiles > 1:
+        with make_progress(grid.n_tiles, "stitching", progress) as bar:
+            for tile_id, found in run_tasks(match_tile, list(range(grid.n_tiles)), sctx,
+                                            client=client, progress=bar, name="stitch"):
+                for other, la, lb in found:
+                    edges_a.append(offsets[tile_id] + la)
+                    edges_b.append(offsets[other] + lb)
+    ea = np.concatenate(edges_a) if edges_a else np.empty(0, np.int64)
+    eb = np.concatenate(edges_b) if edges_b else np.empty(0, np.int64)
+    stitched = stitching.solve_labels(n_local, has_core, ea, eb)
+    work.save_final_map(stitched.final)
+    return stitched
+
+
+def _write_output(target: OutputTarget, grid: TileGrid, work: WorkDir,
+                  stitched: stitching.Stitched, manifest: dict[str, Any], client: Any,
+                  progress: bool | None) -> zarr.Array:
+    attrs = {"blockbuster": {"complete": False, "params": manifest["params"]}}
+    store = str(target.path) if target.path else target.store
+    out = zarr.create_array(store=store, shape=grid.shape, chunks=grid.tile_shape,
+                            dtype=stitched.dtype, fill_value=0, overwrite=True, attributes=attrs)
+    n_local = stitched.n_local
+    todo = [t for t in range(grid.n_tiles) if n_local[t] > 0]
+    rctx = RelabelContext(grid, work.path, out, stitched.offsets, n_local)
+    with make_progress(len(todo), "writing", progress) as bar:
+        run_tasks(relabel_tile, todo, rctx, client=client, progress=bar, name="relabel")
+    return out
+
+
+def _table_path(table: Any, target: OutputTarget) -> Path:
+    if isinstance(table, (str, Path)) and not isinstance(table, bool):
+        return Path(table)
+    base = target.path if target.path is not None else target.work_path.parent / "labels"
+    return base.with_name(base.name + ".objects.csv")
+
+
+def _mark_complete(out: zarr.Array, manifest: dict[str, Any], n_labels: int) -> None:
+    out.attrs["blockbuster"] = {"complete": True, "params": manifest["params"],
+                                "n_labels": int(n_labels), "format": FORMAT_VERSION}

@@ -1,0 +1,238 @@
+"""The work directory next to an output: what a run has done so far, durably.
+
+Layout of ``<output>.blockbuster-work/``::
+
+    manifest.json   the run's parameters; a resumed run must match them
+    lock            held (flock) by the run that is writing the output
+    raw.zarr        each tile's core labels with tile-local ids 1..n (chunks = tile cores)
+    tiles/<id>.npz  one record per finished tile: label count, voxel counts, boundary data;
+                    its presence is what marks the tile done (written last, atomically)
+    failed/<id>.txt traceback of a tile whose fn failed
+    final.zarr      the stitched mapping: tile-local id -> final label, one slice per tile
+
+Nothing in here is needed once the output is complete; it is deleted then.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numcodecs
+import numpy as np
+import zarr
+
+from .errors import OutputLockedError, ResumeMismatchError
+
+__all__ = ["TileRecord", "WorkDir", "work_dir_for", "check_same_params"]
+
+_CODEC = numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.BITSHUFFLE)
+WORK_SUFFIX = ".blockbuster-work"
+
+
+def work_dir_for(output: Path) -> Path:
+    """The work directory that belongs to an output path."""
+    return output.with_name(output.name + WORK_SUFFIX)
+
+
+class TileRecord:
+    """What one finished tile left for stitching: metadata and named arrays.
+
+    Arrays are compressed one by one, so reading a record only decompresses what is asked for.
+    """
+
+    def __init__(self, meta: dict[str, Any], arrays: dict[str, np.ndarray] | None = None,
+                 lazy: Any = None):
+        self.meta = meta
+        self._arrays = arrays or {}
+        self._lazy = lazy
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._arrays or name in self.meta.get("arrays", {})
+
+    def get(self, name: str) -> np.ndarray | None:
+        if name in self._arrays:
+            return self._arrays[name]
+        spec = self.meta.get("arrays", {}).get(name)
+        if spec is None:
+            return None
+        raw = _CODEC.decode(self._lazy[name].tobytes())
+        return np.frombuffer(raw, dtype=spec["dtype"]).reshape(spec["shape"])
+
+    def save(self, path: Path) -> None:
+        """Write atomically: a reader sees the whole record or none."""
+        meta = dict(self.meta)
+        meta["arrays"] = {k: {"dtype": v.dtype.str, "shape": list(v.shape)}
+                          for k, v in self._arrays.items()}
+        members = {k: np.frombuffer(_CODEC.encode(np.ascontiguousarray(v)), dtype=np.uint8)
+                   for k, v in self._arrays.items()}
+        members["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **members)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: Path) -> TileRecord:
+        npz = np.load(path, allow_pickle=False)
+        meta = json.loads(npz["__meta__"].tobytes())
+        return cls(meta, lazy=npz)
+
+
+class WorkDir:
+    """The durable state of one run (see the module docstring for the layout)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._lock_file = None
+
+    # -- paths ------------------------------------------------------------------------------
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / "manifest.json"
+
+    @property
+    def tiles_dir(self) -> Path:
+        return self.path / "tiles"
+
+    @property
+    def failed_dir(self) -> Path:
+        return self.path / "failed"
+
+    @property
+    def raw_path(self) -> Path:
+        return self.path / "raw.zarr"
+
+    @property
+    def final_path(self) -> Path:
+        return self.path / "final.zarr"
+
+    def exists(self) -> bool:
+        return self.manifest_path.exists()
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def create(self, manifest: dict[str, Any]) -> None:
+        """Start a new run here (the directory must not hold another run)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.tiles_dir.mkdir(exist_ok=True)
+        self.failed_dir.mkdir(exist_ok=True)
+        _write_json_atomic(self.manifest_path, manifest)
+
+    def read_manifest(self) -> dict[str, Any]:
+        return json.loads(self.manifest_path.read_text())
+
+    def check_same_run(self, manifest: dict[str, Any]) -> None:
+        """Refuse to resume a run that was started with different parameters."""
+        check_same_params(self.read_manifest()["params"], manifest["params"], str(self.path))
+
+    def acquire_lock(self) -> None:
+        """Hold an exclusive lock for this run; a second concurrent run is refused."""
+        import fcntl
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        f = open(self.path / "lock", "a+")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise OutputLockedError(
+                f"another blockbuster run ({holder}) is writing this output right now "
+                f"(lock {self.path / 'lock'}); wait for it to finish or stop it first"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}")
+        f.flush()
+        self._lock_file = f
+
+    def release_lock(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+    def remove(self) -> None:
+        self.release_lock()
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    # -- tiles ------------------------------------------------------------------------------
+    def record_path(self, tile_id: int) -> Path:
+        return self.tiles_dir / f"{tile_id}.npz"
+
+    def done_tiles(self) -> set[int]:
+        """Tiles with a complete record (partial temporary files are ignored)."""
+        if not self.tiles_dir.exists():
+            return set()
+        return {int(p.stem) for p in self.tiles_dir.glob("*.npz")}
+
+    def save_record(self, tile_id: int, record: TileRecord) -> None:
+        record.save(self.record_path(tile_id))
+        (self.failed_dir / f"{tile_id}.txt").unlink(missing_ok=True)
+
+    def load_record(self, tile_id: int) -> TileRecord:
+        return TileRecord.load(self.record_path(tile_id))
+
+    def save_failure(self, tile_id: int, text: str) -> None:
+        self.failed_dir.mkdir(parents=True, exist_ok=True)
+        (self.failed_dir / f"{tile_id}.txt").write_text(text)
+
+    def failed_tiles(self) -> set[int]:
+        if not self.failed_dir.exists():
+            return set()
+        return {int(p.stem) for p in self.failed_dir.glob("*.txt")}
+
+    # -- arrays -----------------------------------------------------------------------------
+    def create_raw(self, shape: tuple[int, ...], chunks: tuple[int, ...], dtype) -> zarr.Array:
+        return zarr.create_array(store=str(self.raw_path), shape=shape, chunks=chunks,
+                                 dtype=dtype, fill_value=0, overwrite=True)
+
+    def open_raw(self) -> zarr.Array:
+        return zarr.open_array(store=str(self.raw_path), mode="r+")
+
+    def save_final_map(self, final: np.ndarray) -> None:
+        chunk = max(1, min(len(final), 1 << 20))
+        arr = zarr.create_array(store=str(self.final_path), shape=final.shape, chunks=(chunk,),
+                                dtype=final.dtype, fill_value=0, overwrite=True)
+        arr[:] = final
+
+    def open_final_map(self) -> zarr.Array:
+        return zarr.open_array(store=str(self.final_path), mode="r")
+
+
+def check_same_params(old: dict[str, Any], new: dict[str, Any], where: str) -> None:
+    """Raise :class:`ResumeMismatchError` naming every parameter that differs."""
+    keys = sorted(set(old) | set(new))
+    diffs = [f"{k}: was {old.get(k)!r}, now {new.get(k)!r}"
+             for k in keys if _canon(old.get(k)) != _canon(new.get(k))]
+    if diffs:
+        raise ResumeMismatchError(
+            f"cannot resume {where}: it was started with other arguments ("
+            + "; ".join(diffs)
+            + "). Rerun with the original arguments, or pass overwrite=True to start over."
+        )
+
+
+def _canon(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+

@@ -1,0 +1,229 @@
+"""The tile grid: core regions (written), padded regions (read, with halo) and neighbours.
+
+A tile's *core* is the block of the output it owns: cores partition the image and are exactly the
+chunks of the output array. Its *padded* region is the core grown by the halo ``depth`` on every
+side, clipped at the image border; that is what the segmentation function sees.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+from dask.array.core import normalize_chunks
+
+from .errors import InputError
+
+__all__ = ["Tile", "TileGrid", "normalize_overlap", "clip_depth"]
+
+Region = tuple[slice, ...]
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One tile: its grid position, the region it owns and the region it reads."""
+
+    index: tuple[int, ...]
+    id: int
+    core: Region
+    padded: Region
+
+    @property
+    def inner(self) -> Region:
+        """The core, in coordinates relative to the padded region."""
+        return tuple(slice(c.start - p.start, c.stop - p.start) for c, p in zip(self.core, self.padded))
+
+    @property
+    def core_shape(self) -> tuple[int, ...]:
+        return tuple(s.stop - s.start for s in self.core)
+
+    @property
+    def padded_shape(self) -> tuple[int, ...]:
+        return tuple(s.stop - s.start for s in self.padded)
+
+    def describe(self) -> str:
+        """Human-readable position, e.g. ``tile (0, 2) [0:64, 128:192]``."""
+        region = ", ".join(f"{s.start}:{s.stop}" for s in self.padded)
+        return f"tile {self.index} (voxels [{region}] with halo)"
+
+
+def normalize_overlap(overlap: int | Sequence[int] | None, ndim: int) -> tuple[int, ...]:
+    """Per-axis overlap from an int or a sequence; negative values are an error.
+
+    Examples
+    --------
+    >>> normalize_overlap(5, 3)
+    (5, 5, 5)
+    >>> normalize_overlap((0, 8), 2)
+    (0, 8)
+    """
+    if overlap is None:
+        return (0,) * ndim
+    if isinstance(overlap, (int, np.integer)):
+        values = (int(overlap),) * ndim
+    else:
+        values = tuple(overlap)
+        if len(values) != ndim or not all(isinstance(v, (int, np.integer)) for v in values):
+            raise InputError(f"overlap={overlap!r} must be an int or {ndim} ints (one per spatial axis)")
+        values = tuple(int(v) for v in values)
+    if any(v < 0 for v in values):
+        raise InputError(f"overlap={overlap!r} is negative; it must be >= 0 voxels")
+    return values
+
+
+def clip_depth(overlap: tuple[int, ...], chunks: tuple[tuple[int, ...], ...]) -> tuple[int, ...]:
+    """Clip the overlap per axis so the halo is always smaller than the tiles it reaches into.
+
+    Only the last tile along an axis may be smaller than the others, and nothing lies beyond it,
+    so the limit is the smallest of the other tiles (minus one). A z-tile of 1 gets depth 0.
+
+    Examples
+    --------
+    >>> clip_depth((20, 20, 20), ((1, 1, 1), (64, 64, 10), (300,)))
+    (0, 20, 20)
+    """
+    depth = []
+    for o, sizes in zip(overlap, chunks):
+        limit = min(sizes[:-1]) if len(sizes) > 1 else sizes[0]
+        depth.append(max(0, min(o, limit - 1)))
+    return tuple(depth)
+
+
+class TileGrid:
+    """A regular (or dask-irregular) grid of tiles over a spatial shape.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        Spatial shape of the image.
+    chunks : tuple of int, or dask-style tuple of tuples
+        Core shape of the tiles (one dask chunk = one tile).
+    depth : tuple of int
+        Halo per axis, already clipped (see :func:`clip_depth`).
+
+    Examples
+    --------
+    >>> grid = TileGrid((10, 7), (4, 4), depth=(1, 1))
+    >>> grid.grid_shape, grid.n_tiles
+    ((3, 2), 6)
+    >>> t = grid.tile((1, 1))
+    >>> t.core, t.padded
+    ((slice(4, 8, None), slice(4, 7, None)), (slice(3, 9, None), slice(3, 7, None)))
+    """
+
+    def __init__(self, shape: Sequence[int], chunks, depth: Sequence[int] | None = None):
+        self.shape = tuple(int(s) for s in shape)
+        self.chunks: tuple[tuple[int, ...], ...] = normalize_chunks(chunks, self.shape)
+        self.depth = tuple(depth) if depth is not None else (0,) * len(self.shape)
+        if len(self.depth) != len(self.shape):
+            raise InputError(f"depth {self.depth} does not match {len(self.shape)} axes")
+
+    # -- geometry ---------------------------------------------------------------------------
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @cached_property
+    def grid_shape(self) -> tuple[int, ...]:
+        return tuple(len(c) for c in self.chunks)
+
+    @property
+    def n_tiles(self) -> int:
+        return math.prod(self.grid_shape)
+
+    @cached_property
+    def tile_shape(self) -> tuple[int, ...]:
+        """The regular (largest) core shape: the output's chunk shape."""
+        return tuple(max(c) for c in self.chunks)
+
+    @cached_property
+    def starts(self) -> tuple[np.ndarray, ...]:
+        """Per axis, the start of every tile plus the end of the image."""
+        return tuple(np.concatenate([[0], np.cumsum(c)]) for c in self.chunks)
+
+    def tile(self, index: Sequence[int] | int) -> Tile:
+        if isinstance(index, (int, np.integer)):
+            index = np.unravel_index(int(index), self.grid_shape)
+        index = tuple(int(i) for i in index)
+        core, padded = [], []
+        for axis, i in enumerate(index):
+            lo, hi = int(self.starts[axis][i]), int(self.starts[axis][i + 1])
+            d = self.depth[axis]
+            core.append(slice(lo, hi))
+            padded.append(slice(max(0, lo - d), min(self.shape[axis], hi + d)))
+        tile_id = int(np.ravel_multi_index(index, self.grid_shape))
+        return Tile(index, tile_id, tuple(core), tuple(padded))
+
+    def __iter__(self) -> Iterator[Tile]:
+        for index in np.ndindex(*self.grid_shape):
+            yield self.tile(index)
+
+    def __len__(self) -> int:
+        return self.n_tiles
+
+    # -- neighbours -------------------------------------------------------------------------
+    def forward_offsets(self, max_nonzero: int | None = None) -> list[tuple[int, ...]]:
+        """Neighbour offsets with a positive first non-zero entry: every pair of tiles once.
+
+        ``max_nonzero`` limits how many axes an offset moves along (1 = face neighbours only).
+        """
+        limit = self.ndim if max_nonzero is None else max_nonzero
+        offsets = []
+        for off in itertools.product((-1, 0, 1), repeat=self.ndim):
+            nz = [o for o in off if o]
+            if nz and nz[0] > 0 and len(nz) <= limit:
+                offsets.append(off)
+        return offsets
+
+    def neighbour(self, index: tuple[int, ...], offset: tuple[int, ...]) -> tuple[int, ...] | None:
+        other = tuple(i + o for i, o in zip(index, offset))
+        if all(0 <= j < n for j, n in zip(other, self.grid_shape)):
+            return other
+        return None
+
+    def pairs(self, max_nonzero: int | None = None) -> Iterator[tuple[Tile, Tile, tuple[int, ...]]]:
+        """Every pair of neighbouring tiles once, as ``(a, b, offset of b from a)``."""
+        offsets = self.forward_offsets(max_nonzero)
+        for a in self:
+            for off in offsets:
+                j = self.neighbour(a.index, off)
+                if j is not None:
+                    yield a, self.tile(j), off
+
+    def overlap_region(self, a: Tile, b: Tile) -> Region | None:
+        """Where the padded regions of two tiles intersect (None if they don't)."""
+        region = []
+        for pa, pb in zip(a.padded, b.padded):
+            lo, hi = max(pa.start, pb.start), min(pa.stop, pb.stop)
+            if hi <= lo:
+                return None
+            region.append(slice(lo, hi))
+        return tuple(region)
+
+    def boundary_slab(self, tile: Tile, axis: int, side: int) -> Region | None:
+        """The part of a tile's padded region that its neighbour across ``axis`` also reads.
+
+        ``side`` 0 is the low neighbour, 1 the high one. The slab spans the tile's whole padded
+        extent on the other axes, so it covers the overlap with diagonal neighbours as well.
+        """
+        step = -1 if side == 0 else 1
+        index = list(tile.index)
+        index[axis] += step
+        if not 0 <= index[axis] < self.grid_shape[axis]:
+            return None
+        other = self.tile(tuple(index))
+        lo = max(tile.padded[axis].start, other.padded[axis].start)
+        hi = min(tile.padded[axis].stop, other.padded[axis].stop)
+        if hi <= lo:
+            return None
+        slab = list(tile.padded)
+        slab[axis] = slice(lo, hi)
+        return tuple(slab)
+
+    def describe(self) -> str:
+        return (f"{self.n_tiles} tiles of {self.tile_shape} (grid {self.grid_shape}), "
+                f"halo {self.depth}")
