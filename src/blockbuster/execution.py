@@ -1,18 +1,18 @@
-"""Running one task per tile with dask: the synchronous scheduler, or a distributed Client.
+"""Running one task per tile: serially in this process, or on a dask.distributed cluster.
 
-The sequential path (default) streams tiles one at a time through one process: one GPU, one
-model, peak memory near one tile. With a ``distributed.Client`` the same tasks are submitted to
-the cluster; dask reschedules the tasks of a worker that dies.
+The serial path (default) streams tiles one at a time, in grid order, through one process: one
+GPU, one model, peak memory near one tile. With a ``distributed.Client`` the same tasks become a
+dask graph (one task per tile, the shared context stored once) that the cluster runs; dask
+reschedules the tasks of a worker that dies.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import dask
-from dask.callbacks import Callback
 
 from .progress import Progress
 
@@ -30,22 +30,6 @@ def active_client(client: Any = None) -> Any:
     return get_client()
 
 
-class _TaskProgress(Callback):
-    """Advance a progress bar each time one of our tile tasks finishes."""
-
-    def __init__(self, prefix: str, progress: Progress, on_result: Callable[[Any], None] | None):
-        super().__init__()
-        self._prefix = prefix
-        self._progress = progress
-        self._on_result = on_result
-
-    def _posttask(self, key, result, dsk, state, worker_id):  # noqa: D401 - dask hook
-        if isinstance(key, tuple) and key and key[0] == self._prefix:
-            if self._on_result is not None:
-                self._on_result(result)
-            self._progress.update()
-
-
 def run_tasks(func: Callable[[Any, Any], T], items: Sequence[Any], shared: Any, *,
               client: Any = None, progress: Progress | None = None, name: str = "tile",
               on_result: Callable[[T], None] | None = None) -> list[T]:
@@ -56,18 +40,29 @@ def run_tasks(func: Callable[[Any, Any], T], items: Sequence[Any], shared: Any, 
     """
     if not items:
         return []
+    if client is None:
+        return _run_serial(func, items, shared, progress, on_result)
     prefix = f"blockbuster-{name}-{uuid.uuid4().hex[:8]}"
     shared_d = dask.delayed(shared, name=f"{prefix}-context", traverse=False)
     tasks = [dask.delayed(func, pure=False)(shared_d, item, dask_key_name=(prefix, i))
              for i, item in enumerate(items)]
-    if client is None:
-        callbacks = [_TaskProgress(prefix, progress, on_result)] if progress else []
-        if on_result is not None and not progress:
-            callbacks = [_TaskProgress(prefix, _NullProgress(), on_result)]
-        with dask.config.set(scheduler="synchronous"):
-            with _callbacks(callbacks):
-                return list(dask.compute(*tasks, optimize_graph=False))
     return _run_distributed(client, tasks, progress, on_result)
+
+
+def _run_serial(func, items, shared, progress, on_result) -> list:
+    """The default: one tile at a time, in grid order, in this process (like a debugger would).
+
+    One model, one GPU and one padded tile in memory at a time; exceptions surface directly.
+    """
+    results = []
+    for item in items:
+        result = func(shared, item)
+        results.append(result)
+        if on_result is not None:
+            on_result(result)
+        if progress is not None:
+            progress.update()
+    return results
 
 
 def _run_distributed(client: Any, tasks: list, progress: Progress | None,
@@ -84,23 +79,3 @@ def _run_distributed(client: Any, tasks: list, progress: Progress | None,
         if progress is not None:
             progress.update()
     return results
-
-
-class _NullProgress:
-    def update(self, n: int = 1) -> None:
-        pass
-
-
-class _callbacks:
-    """Enter several dask callbacks at once (a no-op for an empty list)."""
-
-    def __init__(self, callbacks: Iterable[Callback]):
-        self._callbacks = list(callbacks)
-
-    def __enter__(self) -> None:
-        for cb in self._callbacks:
-            cb.__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        for cb in reversed(self._callbacks):
-            cb.__exit__(*exc)

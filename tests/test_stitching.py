@@ -1,0 +1,179 @@
+"""Stitching: exact connected components for any tiling, IoU fidelity on dense nuclei."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scipy import ndimage
+
+from blockbuster import tile_process
+from blockbuster.errors import InputError
+from blockbuster.stitching import solve_labels
+
+from helpers import same_partition
+
+
+@st.composite
+def tiled_masks(draw, ndim):
+    shape = tuple(draw(st.integers(1, 24 if ndim == 2 else 12)) for _ in range(ndim))
+    fill = draw(st.floats(0.2, 0.8))
+    seed = draw(st.integers(0, 2**31 - 1))
+    mask = np.random.default_rng(seed).random(shape) < fill
+    tile_shape = tuple(draw(st.integers(1, s)) for s in shape)
+    overlap = tuple(draw(st.integers(0, 4)) for _ in range(ndim))
+    connectivity = draw(st.integers(1, ndim))
+    return mask, tile_shape, overlap, connectivity
+
+
+def _check_faces_equals_whole_image(case):
+    mask, tile_shape, overlap, connectivity = case
+    structure = ndimage.generate_binary_structure(mask.ndim, connectivity)
+    expected = ndimage.label(mask, structure)[0]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "overlap .* reduced", UserWarning)  # tiny random tiles
+        out = tile_process(mask, lambda t: ndimage.label(t, structure)[0], tile_shape, overlap,
+                           stitch="faces", connectivity=connectivity, progress=False)
+    assert same_partition(out[:], expected), (tile_shape, overlap, connectivity)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tiled_masks(2))
+def test_faces_is_exact_connected_components_2d(case):
+    _check_faces_equals_whole_image(case)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tiled_masks(3))
+def test_faces_is_exact_connected_components_3d(case):
+    _check_faces_equals_whole_image(case)
+
+
+def test_solve_labels_numbers_by_first_appearance_and_drops_halo_only_objects():
+    # tile 0: labels 1, 2 (2 only in the halo); tile 1: labels 1, 2; 1@t0 ~ 2@t1
+    n_local = np.array([2, 2])
+    has_core = np.array([False, True, False, False, True, True])
+    s = solve_labels(n_local, has_core, np.array([1, 2]), np.array([5, 4]))
+    assert s.n_labels == 2
+    assert s.final[1] == s.final[5] == 1
+    assert s.final[4] == 2 and s.final[2] == 0
+
+
+# -- IoU mode ------------------------------------------------------------------------------------
+def local_threshold_watershed(tile: np.ndarray, diameter: int = 12) -> np.ndarray:
+    """A classical nuclei segmenter: local threshold + distance-transform watershed."""
+    from skimage.feature import peak_local_max
+    from skimage.filters import threshold_local
+    from skimage.segmentation import watershed
+
+    smooth = ndimage.gaussian_filter(tile.astype(np.float32), 1.0)
+    local = threshold_local(smooth, block_size=2 * diameter + 1, offset=0)
+    mask = (smooth > local) & (smooth > np.float32(0.25 * 65535 / 4))
+    mask = ndimage.binary_opening(mask, iterations=1)
+    dist = ndimage.distance_transform_edt(mask)
+    peaks = peak_local_max(dist, min_distance=diameter // 3, threshold_abs=1.5,
+                           exclude_border=False, labels=ndimage.label(mask)[0])
+    markers = np.zeros(tile.shape, np.int32)
+    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+    return watershed(-dist, markers, mask=mask)
+
+
+def match_objects(truth: np.ndarray, test: np.ndarray):
+    """IoU matching (> 0.5) of two label images: f1, identical fraction, fused count."""
+    t, s = truth.ravel().astype(np.int64), test.ravel().astype(np.int64)
+    both = (t > 0) & (s > 0)
+    key = t[both] * (s.max() + 1) + s[both]
+    keys, inter = np.unique(key, return_counts=True)
+    lt, ls = np.divmod(keys, s.max() + 1)
+    size_t, size_s = np.bincount(t), np.bincount(s)
+    iou = inter / (size_t[lt] + size_s[ls] - inter)
+    matched = iou > 0.5
+    n_true, n_test, tp = len(np.unique(t[t > 0])), len(np.unique(s[s > 0])), int(matched.sum())
+    f1 = 2 * tp / (n_true + n_test)
+    identical = int(np.sum(matched & (inter == size_t[lt]) & (inter == size_s[ls])))
+    # a tiled object that holds the majority of two whole-image objects fused them
+    majority = inter > 0.5 * size_t[lt]
+    fused = int(np.sum(np.bincount(ls[majority]) > 1))
+    return f1, identical / max(n_true, 1), fused
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_iou_fidelity_on_dense_touching_nuclei(ndim):
+    from blockbuster.data import synthetic_nuclei
+
+    shape = (768, 768) if ndim == 2 else (64, 160, 160)
+    image, _ = synthetic_nuclei(shape, diameter=12, density=0.6, touching=True, seed=3)
+    whole = local_threshold_watershed(image)
+    tile_shape = (128, 128) if ndim == 2 else (32, 64, 64)
+    out = tile_process(image, local_threshold_watershed, tile_shape, overlap=14, stitch="iou",
+                       progress=False)[:]
+    f1, identical, fused = match_objects(whole, out)
+    assert whole.max() > (300 if ndim == 2 else 100)  # the image really is dense
+    assert f1 >= 0.995
+    assert identical >= 0.99
+    assert fused == 0
+
+
+def test_object_larger_than_overlap_is_stitched_not_dropped():
+    """A long bar crosses many tiles and is far larger than the 4-voxel overlap."""
+    image = np.zeros((40, 300), np.uint8)
+    image[10:30, 5:295] = 1
+    image[2:6, 100:140] = 1
+    out = tile_process(image, lambda t: ndimage.label(t)[0], (16, 32), 4, stitch="iou",
+                       progress=False)[:]
+    assert len(np.unique(out[10:30, 5:295])) == 1  # one object
+    assert out.max() == 2
+    assert same_partition(out, ndimage.label(image)[0])
+
+
+def test_distinct_touching_objects_stay_distinct_in_iou_mode():
+    """Two objects that touch along a tile border keep their own ids (faces mode would fuse)."""
+    labels = np.zeros((40, 40), np.int32)
+    labels[5:35, 5:20] = 1
+    labels[5:35, 20:35] = 2  # touches object 1 exactly at x = 20, a tile border
+    fn = lambda t: t.astype(np.int32)  # noqa: E731  (an "oracle" segmenter)
+    iou = tile_process(labels, fn, (20, 20), 5, stitch="iou", progress=False)[:]
+    assert same_partition(iou, labels)
+    faces = tile_process(labels, fn, (20, 20), 5, stitch="faces", progress=False)[:]
+    assert faces.max() == 1  # merging everything that touches fuses them: why iou exists
+
+
+def test_iou_diagonal_neighbours_are_matched():
+    """An object centred on a tile corner lands in four tiles and comes out as one."""
+    image = np.zeros((60, 60), np.uint8)
+    yy, xx = np.mgrid[:60, :60]
+    image[(yy - 30) ** 2 + (xx - 30) ** 2 < 64] = 1
+    out = tile_process(image, lambda t: ndimage.label(t)[0], (30, 30), 10, stitch="iou",
+                       progress=False)[:]
+    assert out.max() == 1
+
+
+# -- bad input ------------------------------------------------------------------------------------
+def test_unknown_stitch_mode_fails_before_any_tile():
+    calls = []
+    with pytest.raises(InputError, match="unknown stitch mode 'seams'"):
+        tile_process(np.ones((8, 8)), lambda t: calls.append(1), (4, 4), stitch="seams")
+    assert not calls
+
+
+def test_iou_without_overlap_fails_before_any_tile():
+    calls = []
+    with pytest.raises(InputError, match="overlap is 0 on every axis"):
+        tile_process(np.ones((8, 8)), lambda t: calls.append(1), (4, 4), 0, stitch="iou")
+    assert not calls
+
+
+def test_bad_connectivity():
+    with pytest.raises(InputError, match="connectivity"):
+        tile_process(np.ones((8, 8)), lambda t: t, (4, 4), stitch="faces", connectivity=3)
+
+
+def test_stitch_none_keeps_every_tile_object_unique():
+    image = np.ones((20, 20), np.uint8)
+    out = tile_process(image, lambda t: t.astype(np.int32), (10, 10), stitch="none",
+                       progress=False)[:]
+    assert sorted(np.unique(out)) == [1, 2, 3, 4]
