@@ -25,10 +25,12 @@ class Progress:
         self._bar.update(n)
 
     def skip(self, n: int = 1) -> None:
-        """Count tiles that needed no work (empty, masked out) separately."""
+        """Count tiles that needed no work (empty, masked out) separately.
+
+        Call it in addition to :meth:`update`: it only changes the "skipped" counter.
+        """
         self.skipped += n
         self._bar.set_postfix(skipped=self.skipped, refresh=False)
-        self._bar.update(n)
 
     def close(self) -> None:
         self._bar.close()

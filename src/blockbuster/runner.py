@@ -61,6 +61,8 @@ class RunContext:
     work_path: Path
     table: bool
     retries: int
+    mask: ImageSource | None = None
+    skip_empty: bool = False
     _raw: Any = field(default=None, repr=False)
 
     @property
@@ -82,12 +84,17 @@ class TileOutcome:
     tile_id: int
     n_labels: int = 0
     error: TileError | None = None
+    skipped: bool = False
 
 
 def segment_tile(ctx: RunContext, tile_id: int) -> TileOutcome:
     """Pass 1 for one tile: read, segment, check, number, save core and record."""
     tile = ctx.grid.tile(tile_id)
+    if ctx.mask is not None and not _has_foreground(ctx.mask, tile, ctx.grid.shape):
+        return _skip(ctx, tile_id)
     data = ctx.source.read(tile.padded)
+    if ctx.skip_empty and data.size and data.min() == data.max():
+        return _skip(ctx, tile_id)
     result, error = _call_with_retries(ctx, tile, data)
     if error is not None:
         ctx.work.save_failure(tile_id, error.traceback_text or str(error))
@@ -109,6 +116,24 @@ def segment_tile(ctx: RunContext, tile_id: int) -> TileOutcome:
     # The record is written last: its presence is what marks the tile as done.
     ctx.work.save_record(tile_id, TileRecord({"tile": tile_id, "n": n}, arrays))
     return TileOutcome(tile_id, n)
+
+
+def _skip(ctx: RunContext, tile_id: int) -> TileOutcome:
+    """A tile with nothing to segment: background, recorded as done without calling fn."""
+    ctx.work.save_record(tile_id, TileRecord({"tile": tile_id, "n": 0, "skipped": True},
+                                             {"counts": np.zeros(1, np.int64)}))
+    return TileOutcome(tile_id, 0, skipped=True)
+
+
+def _has_foreground(mask: ImageSource, tile: Tile, shape: tuple[int, ...]) -> bool:
+    """Whether the mask (at any resolution) has foreground under the tile's core."""
+    region = []
+    for core, full, small in zip(tile.core, shape, mask.spatial_shape):
+        scale = small / full
+        lo = min(int(math.floor(core.start * scale)), small - 1)
+        hi = max(int(math.ceil(core.stop * scale)), lo + 1)
+        region.append(slice(lo, hi))
+    return bool(np.any(mask.read(tuple(region))))
 
 
 def _call_with_retries(ctx: RunContext, tile: Tile, data: np.ndarray):
@@ -390,6 +415,8 @@ def tile_process(
     retries: int = 1,
     work_dir: str | Path | None = None,
     keep_work: bool = False,
+    mask: Any = None,
+    skip_empty: bool = False,
 ) -> zarr.Array:
     """Segment an image of any size tile by tile and write one seamless labelling to zarr.
 
@@ -444,6 +471,12 @@ def tile_process(
         Where the run keeps its state; default ``<output>.blockbuster-work`` next to the output.
     keep_work : bool
         Keep the work directory after success (for debugging).
+    mask : path or array, optional
+        Foreground (tissue) mask at any resolution with the image's spatial axes, e.g. a
+        thresholded low-resolution level. Tiles with no foreground under their core are written
+        as background without calling ``fn``.
+    skip_empty : bool
+        Also skip tiles whose input is constant (e.g. zero padding around a light-sheet volume).
 
     Returns
     -------
@@ -461,6 +494,7 @@ def tile_process(
     1
     """
     source = open_image(image, channel_axis)
+    mask_source = _open_mask(mask, source)
     fn = _resolve_fn(fn, source.channel_axis)
     info = describe_segmenter(fn)
     if overlap is None:
@@ -476,17 +510,31 @@ def tile_process(
     stitching.check_mode(mode, grid.depth, connectivity, grid.ndim)
     target = _resolve_output(output, source, work_dir)
     manifest = _manifest(source, info, grid, mode, connectivity, iou_threshold, table)
+    manifest["params"]["mask"] = None if mask_source is None else (
+        str(mask_source.path) if mask_source.path else f"<in-memory {mask_source.shape}>")
+    manifest["params"]["skip_empty"] = bool(skip_empty)
     work = WorkDir(target.work_path)
     done = _prepare_work(target, work, manifest, overwrite=overwrite, resume=resume)
     if done is not None:
         return done
     try:
-        return _run(source, fn, info, grid, mode, target, work, manifest,
-                    connectivity=connectivity, iou_threshold=iou_threshold, client=client,
-                    progress=progress, table=table, retries=retries, keep_work=keep_work,
-                    use_gpu=use_gpu)
+        ctx = RunContext(source, fn, fn_name(fn), grid, mode, work.path, bool(table), retries,
+                         mask=mask_source, skip_empty=skip_empty)
+        return _run(ctx, info, target, work, manifest, connectivity=connectivity,
+                    iou_threshold=iou_threshold, client=client, progress=progress, table=table,
+                    keep_work=keep_work)
     finally:
         work.release_lock()
+
+
+def _open_mask(mask: Any, source: ImageSource) -> ImageSource | None:
+    if mask is None:
+        return None
+    mask_source = open_image(mask)
+    if mask_source.ndim != len(source.spatial_shape):
+        raise InputError(f"mask of shape {mask_source.shape} must have the image's "
+                         f"{len(source.spatial_shape)} spatial axes (image {source.spatial_shape})")
+    return mask_source
 
 
 def _manifest(source: ImageSource, info: SegmenterInfo, grid: TileGrid, mode: str,
@@ -552,16 +600,18 @@ def _clear_work(work: WorkDir) -> None:
             shutil.rmtree(child) if child.is_dir() else child.unlink()
 
 
-def _run(source, fn, info, grid, mode, target, work, manifest, *, connectivity, iou_threshold,
-         client, progress, table, retries, keep_work, use_gpu) -> zarr.Array:
+def _run(ctx: RunContext, info: SegmenterInfo, target: OutputTarget, work: WorkDir,
+         manifest: dict[str, Any], *, connectivity: int, iou_threshold: float, client: Any,
+         progress: bool | None, table: Any, keep_work: bool) -> zarr.Array:
     client = active_client(client)
-    _log_plan(source, info, grid, mode)
-    if isinstance(fn, Segmenter):
-        fn.prepare(source)
-    raw_dtype = np.uint32 if math.prod(max(c) + 2 * d for c, d in zip(grid.chunks, grid.depth)) < 2**32 else np.uint64
-    if not work.raw_path.exists():
-        work.create_raw(source.spatial_shape, grid.tile_shape, raw_dtype)
-    ctx = RunContext(source, fn, fn_name(fn), grid, mode, work.path, bool(table), retries)
+    grid, mode = ctx.grid, ctx.mode
+    _log_plan(ctx.source, info, grid, mode)
+    if isinstance(ctx.fn, Segmenter):
+        ctx.fn.prepare(ctx.source)
+    padded_voxels = math.prod(t + 2 * d for t, d in zip(grid.tile_shape, grid.depth))
+    if not work.raw_path.exists():  # local ids fit uint32 unless a tile has 2**32 voxels
+        work.create_raw(grid.shape, grid.tile_shape,
+                        np.uint32 if padded_voxels < 2**32 else np.uint64)
     _segment_all(ctx, work, client, progress)
     stitched = _stitch(grid, mode, work, connectivity, iou_threshold, client, progress)
     out = _write_output(target, grid, work, stitched, manifest, client, progress)
@@ -593,8 +643,11 @@ def _segment_all(ctx: RunContext, work: WorkDir, client: Any, progress: bool | N
         log.info("resuming: %d of %d tiles already done", len(done), ctx.grid.n_tiles)
     failures: list[TileError] = []
     succeeded = [0]
+    bar = make_progress(ctx.grid.n_tiles, "segmenting", progress, initial=len(done))
 
     def watch(outcome: TileOutcome) -> None:
+        if outcome.skipped:
+            bar.skip()
         if outcome.error is None:
             succeeded[0] += 1
             return
@@ -602,7 +655,7 @@ def _segment_all(ctx: RunContext, work: WorkDir, client: Any, progress: bool | N
         if succeeded[0] == 0 and len(failures) >= FAIL_FAST_AFTER:
             raise _failures(failures, stopped_early=True)
 
-    with make_progress(ctx.grid.n_tiles, "segmenting", progress, initial=len(done)) as bar:
+    with bar:
         run_tasks(segment_tile, todo, ctx, client=client, progress=bar, name="segment",
                   on_result=watch)
     if failures:
