@@ -268,6 +268,7 @@ def test_fn_that_raises_names_tile_and_region(blobs2d, tmp_path):
     (lambda t: t > 0, "dtype bool"),
     (lambda t: -np.ones(t.shape, np.int16), "negative"),
     (lambda t: None, "None"),
+    (ndimage.label, "tuple of 2 items.*first item"),
 ])
 def test_fn_returning_wrong_shape_or_dtype(bad, match, blobs2d):
     with pytest.raises(TileError, match=match) as exc:

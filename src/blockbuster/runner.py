@@ -161,6 +161,9 @@ def _check_result(ctx: RunContext, tile: Tile, result: Any) -> np.ndarray:
 
     if result is None:
         raise fail("None instead of a label image")
+    if isinstance(result, tuple):
+        raise fail(f"a tuple of {len(result)} items instead of a label image (scipy.ndimage.label "
+                   "returns (labels, count): use its first item)")
     labels = np.asarray(result)
     if labels.shape != tile.padded_shape:
         raise fail(f"an array of shape {labels.shape}; expected the tile's spatial shape "

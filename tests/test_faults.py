@@ -1,0 +1,269 @@
+"""Surviving faults: SIGKILL at any moment + resume, failed tiles, concurrent runs, clusters."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from scipy import ndimage
+
+import blockbuster
+from blockbuster import tile_process
+from blockbuster.errors import (
+    IncompleteOutputError,
+    OutputExistsError,
+    OutputLockedError,
+    ResumeMismatchError,
+    TileFailures,
+)
+from blockbuster.store import WorkDir, work_dir_for
+
+from helpers import same_partition
+
+CHILD = Path(__file__).with_name("fault_child.py")
+N_TILES = 16  # 120 x 120 image in 30 x 30 tiles
+
+
+@pytest.fixture(scope="module")
+def image_path(tmp_path_factory) -> str:
+    rng = np.random.default_rng(7)
+    mask = ndimage.binary_opening(rng.random((120, 120)) > 0.45).astype(np.uint8)
+    path = tmp_path_factory.mktemp("img") / "img.zarr"
+    zarr.create_array(store=str(path), shape=mask.shape, chunks=(30, 30), dtype="uint8")[:] = mask
+    return str(path)
+
+
+def _child(image, output, log, point="none", n=0, resume=False) -> int:
+    args = [sys.executable, str(CHILD), image, str(output), str(log), point, str(n)]
+    return subprocess.run(args + (["--resume"] if resume else []), capture_output=True).returncode
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(image_path, tmp_path_factory) -> np.ndarray:
+    tmp = tmp_path_factory.mktemp("ref")
+    assert _child(image_path, tmp / "ref.zarr", tmp / "log") == 0
+    return zarr.open_array(str(tmp / "ref.zarr"))[:]
+
+
+def _calls(log: Path) -> int:
+    return len(log.read_text().splitlines()) if log.exists() else 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point, n", [
+    ("segment", 1), ("segment", 7), ("segment", 16),
+    ("chunk-write", 1), ("chunk-write", 9),
+    ("record", 1), ("record", 12),
+    ("stitch", 1), ("stitch", 10),
+    ("relabel", 1), ("relabel", 8),
+    ("finalize", 1),
+])
+def test_sigkill_then_resume_equals_uninterrupted(point, n, image_path, uninterrupted, tmp_path):
+    out, log = tmp_path / "out.zarr", tmp_path / "calls"
+    assert _child(image_path, out, log, point, n) == -signal.SIGKILL
+    work = WorkDir(work_dir_for(out))
+    done_before = len(work.done_tiles())
+    if out.exists() and point != "finalize":
+        with pytest.raises(IncompleteOutputError):
+            blockbuster.open_labels(out)  # never looks complete
+    log.unlink(missing_ok=True)
+    assert _child(image_path, out, log, resume=True) == 0
+    assert _calls(log) == N_TILES - done_before  # only the unfinished tiles ran again
+    assert np.array_equal(blockbuster.open_labels(out)[:], uninterrupted)
+    assert not work.path.exists()
+    assert Path(str(out) + ".objects.csv").exists()
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_resume(image_path, uninterrupted, tmp_path):
+    """Kill a slow run again and again at random times; every resume makes progress."""
+    out, log = tmp_path / "out.zarr", tmp_path / "calls"
+    env = {**os.environ, "BLOCKBUSTER_TEST_SLOW": "1"}
+    rng = np.random.default_rng(0)
+    for attempt in range(4):
+        args = [sys.executable, str(CHILD), image_path, str(out), str(log), "none", "0"]
+        proc = subprocess.Popen(args + (["--resume"] if attempt else []), env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(1.0, 2.5))  # import takes ~1 s; tiles take 0.1 s each
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert _child(image_path, out, log, resume=True) == 0
+    assert np.array_equal(blockbuster.open_labels(out)[:], uninterrupted)
+    assert _calls(log) >= N_TILES  # every tile ran at least once across the attempts
+
+
+# -- failing tiles --------------------------------------------------------------------------------
+def _failing(flag: Path, bad_values: set[int]):
+    def segment(tile):
+        if not flag.exists() and int(tile.flat[0]) in bad_values:
+            raise MemoryError("CUDA out of memory (simulated)")
+        return ndimage.label(tile > 0)[0]
+
+    return segment
+
+
+def test_failed_tiles_are_named_kept_and_resumed(tmp_path, blobs2d):
+    image = blobs2d.astype(np.uint8)
+    image[0, 0] = 7
+    image[100, 50] = 9  # first voxels of tiles (0, 0) and (2, 1)
+    flag = tmp_path / "fixed"
+    segment = _failing(flag, {7, 9})
+    out = tmp_path / "out.zarr"
+    with pytest.raises(TileFailures) as exc:
+        tile_process(image, segment, (50, 50), stitch="faces", output=out, retries=2)
+    err = exc.value
+    assert sorted(e.tile_index for e in err.failures) == [(0, 0), (2, 1)]
+    assert "tile (0, 0)" in str(err) and "tile (2, 1)" in str(err)
+    assert "after 3 attempt(s)" in str(err) and "MemoryError" in str(err)
+    work = WorkDir(work_dir_for(out))
+    assert work.failed_tiles() == {0, 7}
+    assert len(work.done_tiles()) == 9 - 2  # the others are kept
+    flag.touch()  # "fix" the problem; same fn, so the run can be resumed
+    with pytest.raises(OutputExistsError, match="resume=True"):
+        tile_process(image, segment, (50, 50), stitch="faces", output=out)
+    labels = tile_process(image, segment, (50, 50), stitch="faces", output=out, resume=True)
+    assert same_partition(labels[:], ndimage.label(image > 0)[0])
+
+
+def test_systematic_failure_stops_early(tmp_path, blobs2d):
+    calls = []
+
+    def broken(tile):
+        calls.append(1)
+        raise ValueError("bad model")
+
+    with pytest.raises(TileFailures, match="first 3 tiles all failed"):
+        tile_process(blobs2d, broken, (10, 10), retries=0, output=tmp_path / "o.zarr")
+    assert len(calls) == 3
+
+
+def test_resume_with_other_arguments_is_refused(tmp_path, blobs2d):
+    out = tmp_path / "out.zarr"
+    flag = tmp_path / "never"
+    image = blobs2d.astype(np.uint8)
+    image[0, 0] = 7
+    with pytest.raises(TileFailures):
+        tile_process(image, _failing(flag, {7}), (50, 50), stitch="faces", output=out, retries=0)
+    with pytest.raises(ResumeMismatchError, match=r"tile_chunks.*was \[\[50, 50, 50\]"):
+        tile_process(image, _failing(flag, {7}), (40, 40), stitch="faces", output=out, resume=True)
+    with pytest.raises(ResumeMismatchError, match="segmenter"):
+        tile_process(image, lambda t: ndimage.label(t)[0], (50, 50), stitch="faces", output=out,
+                     resume=True)
+
+
+def test_resume_of_a_complete_output_does_nothing(tmp_path, blobs2d):
+    out = tmp_path / "out.zarr"
+    calls = []
+
+    def segment(tile):
+        calls.append(1)
+        return ndimage.label(tile)[0]
+
+    first = tile_process(blobs2d, segment, (50, 50), stitch="faces", output=out)[:]
+    calls.clear()
+    again = tile_process(blobs2d, segment, (50, 50), stitch="faces", output=out, resume=True)
+    assert not calls and again.attrs["blockbuster"]["complete"]
+    assert np.array_equal(again[:], first)
+
+
+def test_a_second_concurrent_run_is_refused(tmp_path, blobs2d):
+    out = tmp_path / "out.zarr"
+    work = WorkDir(work_dir_for(out))
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+        "f.write('pid test'); f.flush(); fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); "
+        "time.sleep(60)"), str(work.path / "lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        work.path.mkdir(parents=True, exist_ok=True)
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(OutputLockedError, match="another blockbuster run"):
+            tile_process(blobs2d, lambda t: ndimage.label(t)[0], (50, 50), output=out)
+    finally:
+        holder.kill()
+        holder.wait()
+    tile_process(blobs2d, lambda t: ndimage.label(t)[0], (50, 50), output=out, stitch="faces")
+
+
+# -- working only where there is tissue -----------------------------------------------------------
+def test_mask_at_low_resolution_skips_empty_tiles(blobs2d):
+    calls = []
+
+    def fn(tile):
+        calls.append(tile.shape)
+        return ndimage.label(tile)[0]
+
+    low_res = np.zeros((15, 13), bool)  # 1/10 of the image: tissue only in the top-left
+    low_res[:4, :4] = True  # ~ voxels 0..40 of the image
+    out = tile_process(blobs2d, fn, (50, 50), stitch="faces", mask=low_res)[:]
+    assert len(calls) == 1  # only tile (0, 0) is under the mask
+    assert out[50:].max() == 0 and out[:, 50:].max() == 0
+    expected = ndimage.label(blobs2d[:50, :50])[0]
+    assert same_partition(out[:50, :50], expected)
+
+
+def test_skip_empty_skips_constant_tiles():
+    image = np.zeros((60, 60), np.uint8)
+    image[5:20, 5:20] = 1
+    calls = []
+
+    def fn(tile):
+        calls.append(1)
+        return ndimage.label(tile)[0]
+
+    out = tile_process(image, fn, (30, 30), skip_empty=True, stitch="faces")[:]
+    assert len(calls) == 1 and out.max() == 1
+
+
+# -- dask.distributed -----------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("stitch", ["faces", "iou"])
+def test_local_cluster_gives_identical_labels(stitch, blobs2d, tmp_path):
+    from distributed import Client
+
+    from blockbuster.cluster import local_cluster
+
+    def segment(tile):
+        return ndimage.label(tile > 0)[0]
+
+    serial = tile_process(blobs2d, segment, (40, 40), 6, stitch=stitch,
+                          output=tmp_path / "serial.zarr")[:]
+    with local_cluster(2, memory_limit="2GiB") as cluster, Client(cluster) as client:
+        assert len(client.scheduler_info()["workers"]) == 2
+        parallel = tile_process(blobs2d, segment, (40, 40), 6, stitch=stitch, client=client,
+                                output=tmp_path / "parallel.zarr")[:]
+    assert np.array_equal(serial, parallel)
+
+
+@pytest.mark.slow
+def test_gpu_workers_are_pinned_one_device_each():
+    from distributed import Client
+
+    from blockbuster.cluster import local_cluster
+
+    with local_cluster(gpus=[0, 1]) as cluster, Client(cluster) as client:
+        seen = client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"))
+        nthreads = client.nthreads()
+    assert sorted(seen.values()) == ["0", "1"]
+    assert set(nthreads.values()) == {1}
+
+
+def test_slurm_job_script_without_a_scheduler():
+    from blockbuster.cluster import jobqueue_cluster
+
+    cluster = jobqueue_cluster("slurm", cores=8, memory="64GB", walltime="04:00:00",
+                               queue="gpu", account="lab", gpus_per_job=1, jobs=0)
+    try:
+        script = cluster.job_script()
+    finally:
+        cluster.close()
+    for line in ("#SBATCH -p gpu", "#SBATCH -A lab", "#SBATCH -t 04:00:00",
+                 "#SBATCH --gres=gpu:1", "#SBATCH --cpus-per-task=8"):
+        assert line in script
+    assert "distributed.cli.dask_worker" in script or "dask worker" in script or "dask-worker" in script
