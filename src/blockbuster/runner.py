@@ -224,9 +224,15 @@ def match_tile(ctx: StitchContext, tile_id: int) -> tuple[int, list[tuple[int, n
         if ctx.mode == "iou" and grid.overlap_region(a, b) is None:
             continue
         a_rec = a_rec or work.load_record(tile_id)
-        la, lb = stitching.match_pair(grid, a, b, off, a_rec, work.load_record(b.id), ctx.mode,
+        b_rec = work.load_record(b.id)
+        la, lb = stitching.match_pair(grid, a, b, off, a_rec, b_rec, ctx.mode,
                                       connectivity=ctx.connectivity,
                                       iou_threshold=ctx.iou_threshold)
+        # Only objects that reach their tile's core appear in the output. A halo-only object
+        # is a fragment cut by the padded edge, where the fn saw too little context: linking
+        # through it could chain two distinct objects together, and it adds nothing.
+        in_core = (a_rec.get("counts")[la] > 0) & (b_rec.get("counts")[lb] > 0)
+        la, lb = la[in_core], lb[in_core]
         if la.size:
             found.append((b.id, la, lb))
     return tile_id, found
