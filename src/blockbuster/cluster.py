@@ -57,16 +57,17 @@ def local_cluster(n_workers: int = 2, *, gpus: list[int] | None = None,
     if gpus:
         from distributed import Scheduler, SpecCluster
 
-        scheduler = {"cls": Scheduler, "options": {"dashboard_address": ":0" if dashboard else None}}
+        scheduler = {"cls": Scheduler, "options": {"dashboard_address": ":0", "dashboard": dashboard}}
         limit = None if memory_limit == "auto" else memory_limit
         return SpecCluster(workers=gpu_worker_specs(list(gpus), limit), scheduler=scheduler)
     if n_workers < 1:
         raise InputError(f"workers={n_workers} must be >= 1")
     from distributed import LocalCluster
 
+    # ":0": a free port, so a second cluster on the machine never collides on 8787
     return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                        memory_limit=memory_limit,
-                        dashboard_address=":0" if dashboard else None)
+                        memory_limit=memory_limit, dashboard_address=":0",
+                        scheduler_kwargs={"dashboard": dashboard})
 
 
 def jobqueue_cluster(kind: str, *, cores: int = 1, memory: str = "16GB", processes: int = 1,
@@ -93,7 +94,8 @@ def jobqueue_cluster(kind: str, *, cores: int = 1, memory: str = "16GB", process
                   "lsf": [f'-gpu "num={gpus_per_job}"'],
                   "pbs": [f"-l ngpus={gpus_per_job}"]}[kind]
     options: dict[str, Any] = {"cores": cores, "memory": memory, "processes": processes,
-                               "job_extra_directives": extra, **kwargs}
+                               "job_extra_directives": extra,
+                               "scheduler_options": {"dashboard_address": ":0"}, **kwargs}
     for key, value in (("walltime", walltime), ("queue", queue), ("account", account),
                        ("job_script_prologue", job_script_prologue)):
         if value is not None:
