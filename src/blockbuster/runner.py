@@ -36,7 +36,7 @@ from .execution import active_client, run_tasks
 from .io import ImageSource, default_output_path, open_image
 from .progress import make_progress
 from .segmenter import Segmenter, SegmenterInfo, describe_segmenter, fn_name
-from .store import TileRecord, WorkDir, check_same_params, work_dir_for
+from .store import WORK_SUFFIX, TileRecord, WorkDir, check_same_params, work_dir_for
 from .tiling import Tile, TileGrid, clip_depth, normalize_overlap
 
 __all__ = ["tile_process", "open_labels"]
@@ -338,16 +338,34 @@ def _resolve_stitch(stitch: str, info: SegmenterInfo, grid: TileGrid) -> str:
 # -- output -----------------------------------------------------------------------------------
 @dataclass
 class OutputTarget:
-    """Where the labels go, and where the work directory lives."""
+    """Where the labels go (a zarr array, or an OME-Zarr label image), and the work directory.
+
+    For OME-Zarr, ``path`` is the label image group (``<image>/labels/<name>`` or a standalone
+    group) and the labels themselves are its level ``0``; the pyramid and the NGFF metadata are
+    added by :meth:`finalize` once level 0 is complete.
+    """
 
     path: Path | None
     store: Any
     work_path: Path
     temporary: bool = False
+    ome_name: str | None = None
+    ome_image: Path | None = None
+    ome_standalone: bool = False
+
+    @property
+    def is_ome(self) -> bool:
+        return self.ome_name is not None
+
+    @property
+    def array_path(self) -> Path | None:
+        if self.path is None:
+            return None
+        return self.path / "0" if self.is_ome else self.path
 
     def exists(self) -> bool:
         if self.path is not None:
-            return self.path.exists()
+            return any((self.array_path / m).exists() for m in ("zarr.json", ".zarray"))
         try:
             zarr.open_array(store=self.store, mode="r")
             return True
@@ -355,27 +373,70 @@ class OutputTarget:
             return False
 
     def open(self, mode: str = "r") -> zarr.Array:
-        return zarr.open_array(store=str(self.path) if self.path else self.store, mode=mode)
+        store = str(self.array_path) if self.path is not None else self.store
+        return zarr.open_array(store=store, mode=mode)
+
+    def create(self, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: np.dtype,
+               attrs: dict[str, Any]) -> zarr.Array:
+        if not self.is_ome:
+            store = str(self.path) if self.path is not None else self.store
+            return zarr.create_array(store=store, shape=shape, chunks=chunks, dtype=dtype,
+                                     fill_value=0, overwrite=True, attributes=attrs)
+        from .ome import create_label_level0
+
+        arr = create_label_level0(self.ome_image, self.ome_name, shape, chunks, dtype,
+                                  standalone_path=self.path if self.ome_standalone else None,
+                                  overwrite=True)
+        arr.attrs.update(attrs)
+        return arr
+
+    def finalize(self) -> None:
+        """Add the multiscale pyramid and NGFF metadata (OME-Zarr outputs only)."""
+        if self.is_ome:
+            from .ome import finalize_ome_labels
+
+            finalize_ome_labels(self.ome_image, self.ome_name,
+                                standalone_path=self.path if self.ome_standalone else None)
 
     def remove(self) -> None:
-        if self.path is not None:
+        # An OME label image is replaced by create() (which also unlists it from the image).
+        if self.path is not None and not self.is_ome:
             shutil.rmtree(self.path, ignore_errors=True)
 
+    def describe(self) -> str:
+        return str(self.path) if self.path is not None else repr(self.store)
 
-def _resolve_output(output: Any, source: ImageSource, work_dir: Any) -> OutputTarget:
+
+def _resolve_output(output: Any, source: ImageSource, work_dir: Any, ome: bool | None,
+                    label_name: str) -> OutputTarget:
+    def work_for(path: Path) -> Path:
+        return Path(work_dir) if work_dir else work_dir_for(path)
+
+    ome_input = source.kind == "ome-zarr"
+    if output is None and ome_input and ome is not False:
+        # The NGFF way: <image>/labels/<name>, listed in the image for napari & co.
+        group = source.path / "labels" / label_name
+        work = Path(work_dir) if work_dir else source.path.with_name(
+            f"{source.path.name}.{label_name}{WORK_SUFFIX}")
+        return OutputTarget(group, None, work, ome_name=label_name, ome_image=source.path)
     if output is None:
         if source.path is not None:
             output = default_output_path(source.path)
         else:
             tmp = Path(tempfile.mkdtemp(prefix="blockbuster-"))
             log.info("in-memory input: writing labels to %s", tmp / "labels.zarr")
-            return OutputTarget(tmp / "labels.zarr", None, tmp / "labels.zarr.blockbuster-work",
-                                temporary=True)
+            output = tmp / "labels.zarr"
+            return OutputTarget(output, None, work_for(output), temporary=True,
+                                ome_name=label_name if ome else None, ome_standalone=True)
     if isinstance(output, (str, Path)):
         path = Path(output)
         if source.path is not None and path.resolve() == source.path.resolve():
             raise InputError(f"output {path} is the input image; choose another path")
-        return OutputTarget(path, None, Path(work_dir) if work_dir else work_dir_for(path))
+        standalone = ome if ome is not None else path.name.lower().endswith(".ome.zarr")
+        return OutputTarget(path, None, work_for(path), ome_name=label_name if standalone else None,
+                            ome_image=source.path if ome_input else None, ome_standalone=True)
+    if ome:
+        raise InputError("ome=True needs an output path (or an OME-Zarr input), not a store")
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="blockbuster-work-"))
     return OutputTarget(None, output, work)
 
@@ -388,12 +449,15 @@ def _completion(arr: zarr.Array) -> dict[str, Any] | None:
 def open_labels(path: str | Path, *, allow_incomplete: bool = False) -> zarr.Array:
     """Open labels written by :func:`tile_process`, refusing an unfinished output.
 
+    ``path`` is a labels array, or an OME-Zarr label image group (its level 0 is opened).
+
     Raises
     ------
     IncompleteOutputError
         The run that writes this output has not finished (or died); resume it.
     """
-    arr = zarr.open_array(store=str(path), mode="r")
+    node = zarr.open(store=str(path), mode="r")
+    arr = node["0"] if isinstance(node, zarr.Group) else node
     meta = _completion(arr)
     if not allow_incomplete and (meta is None or not meta.get("complete")):
         raise IncompleteOutputError(
@@ -426,6 +490,8 @@ def tile_process(
     keep_work: bool = False,
     mask: Any = None,
     skip_empty: bool = False,
+    ome: bool | None = None,
+    label_name: str = "blockbuster",
 ) -> zarr.Array:
     """Segment an image of any size tile by tile and write one seamless labelling to zarr.
 
@@ -486,6 +552,13 @@ def tile_process(
         as background without calling ``fn``.
     skip_empty : bool
         Also skip tiles whose input is constant (e.g. zero padding around a light-sheet volume).
+    ome : bool, optional
+        Write an OME-Zarr label image (multiscale pyramid + NGFF ``image-label`` metadata) that
+        napari and other OME-Zarr readers open. Default: yes for OME-Zarr input (the labels go
+        into the image, at ``<image>/labels/<label_name>``, unless ``output`` is given) and for
+        an output path ending in ``.ome.zarr``; a plain zarr array otherwise.
+    label_name : str
+        Name of the label image inside an OME-Zarr image.
 
     Returns
     -------
@@ -517,7 +590,7 @@ def tile_process(
     grid = _plan_grid(source.spatial_shape, chunks, overlap_t)
     mode = _resolve_stitch(stitch, info, grid)
     stitching.check_mode(mode, grid.depth, connectivity, grid.ndim)
-    target = _resolve_output(output, source, work_dir)
+    target = _resolve_output(output, source, work_dir, ome, label_name)
     manifest = _manifest(source, info, grid, mode, connectivity, iou_threshold, table)
     manifest["params"]["mask"] = None if mask_source is None else (
         str(mask_source.path) if mask_source.path else f"<in-memory {mask_source.shape}>")
@@ -588,10 +661,10 @@ def _prepare_work(target: OutputTarget, work: WorkDir, manifest: dict[str, Any],
             existing = _completion(target.open())
             if resume and existing and existing.get("complete"):
                 check_same_params(existing.get("params", {}), manifest["params"],
-                                  str(target.path or target.store))
+                                  target.describe())
                 return target.open()
             raise OutputExistsError(
-                f"output {target.path or target.store} already exists; pass overwrite=True to "
+                f"output {target.describe()} already exists; pass overwrite=True to "
                 "replace it (or choose another output)")
         if overwrite:
             target.remove()
@@ -631,7 +704,7 @@ def _run(ctx: RunContext, info: SegmenterInfo, target: OutputTarget, work: WorkD
     _mark_complete(out, manifest, stitched.n_labels)
     if not keep_work:
         work.remove()
-    log.info("wrote %d objects to %s", stitched.n_labels, target.path or target.store)
+    log.info("wrote %d objects to %s", stitched.n_labels, target.describe())
     return out
 
 
@@ -716,21 +789,25 @@ def _write_output(target: OutputTarget, grid: TileGrid, work: WorkDir,
                   stitched: stitching.Stitched, manifest: dict[str, Any], client: Any,
                   progress: bool | None) -> zarr.Array:
     attrs = {"blockbuster": {"complete": False, "params": manifest["params"]}}
-    store = str(target.path) if target.path else target.store
-    out = zarr.create_array(store=store, shape=grid.shape, chunks=grid.tile_shape,
-                            dtype=stitched.dtype, fill_value=0, overwrite=True, attributes=attrs)
+    out = target.create(grid.shape, grid.tile_shape, stitched.dtype, attrs)
     n_local = stitched.n_local
     todo = [t for t in range(grid.n_tiles) if n_local[t] > 0]
     rctx = RelabelContext(grid, work.path, out, stitched.offsets, n_local)
     with make_progress(len(todo), "writing", progress) as bar:
         run_tasks(relabel_tile, todo, rctx, client=client, progress=bar, name="relabel")
+    target.finalize()
     return out
 
 
 def _table_path(table: Any, target: OutputTarget) -> Path:
     if isinstance(table, (str, Path)) and not isinstance(table, bool):
         return Path(table)
-    base = target.path if target.path is not None else target.work_path.parent / "labels"
+    if target.is_ome and not target.ome_standalone:  # next to the image, not inside it
+        base = target.ome_image.with_name(f"{target.ome_image.name}.{target.ome_name}")
+    elif target.path is not None:
+        base = target.path
+    else:
+        base = target.work_path.parent / "labels"
     return base.with_name(base.name + ".objects.csv")
 
 
