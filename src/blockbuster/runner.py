@@ -479,7 +479,7 @@ def tile_process(
     iou_threshold: float = 0.5,
     connectivity: int = 1,
     use_gpu: bool = False,
-    memory: int | None = None,
+    memory: int | str | None = None,
     overwrite: bool = False,
     resume: bool = False,
     client: Any = None,
@@ -526,8 +526,9 @@ def tile_process(
         For ``stitch="faces"``: 1 = faces only, up to ndim = corners too (as scipy.ndimage).
     use_gpu : bool
         Size ``"auto"`` tiles from free GPU memory; fails clearly when no GPU is present.
-    memory : int, optional
-        Memory budget in bytes for ``"auto"``, instead of probing the machine.
+    memory : int or str, optional
+        Memory budget for ``"auto"`` (bytes, or a string like ``"8GB"``), instead of probing
+        the machine.
     overwrite : bool
         Replace an existing output (and any unfinished run's work directory).
     resume : bool
@@ -586,6 +587,10 @@ def tile_process(
         raise InputError(f"iou_threshold={iou_threshold} must be in [0, 1)")
     if retries < 0:
         raise InputError(f"retries={retries} must be >= 0")
+    if isinstance(memory, str):
+        from dask.utils import parse_bytes
+
+        memory = parse_bytes(memory)
     chunks = _resolve_tile_shape(tile_shape, source, overlap_t, info, use_gpu, memory)
     grid = _plan_grid(source.spatial_shape, chunks, overlap_t)
     mode = _resolve_stitch(stitch, info, grid)
