@@ -32,14 +32,18 @@ def active_client(client: Any = None) -> Any:
 
 def run_tasks(func: Callable[[Any, Any], T], items: Sequence[Any], shared: Any, *,
               client: Any = None, progress: Progress | None = None, name: str = "tile",
-              on_result: Callable[[T], None] | None = None) -> list[T]:
-    """Compute ``func(shared, item)`` for every item, in order, and return the results.
+              on_result: Callable[[T], None] | None = None, threads: int = 1) -> list[T]:
+    """Compute ``func(shared, item)`` for every item and return the results in item order.
 
     ``shared`` (the run context: image source, segmenter, grid) goes into the graph once, not
     once per task. Results should be small (summaries): the labels go to disk inside ``func``.
+    Without a client, ``threads > 1`` runs the tasks on a thread pool (for tasks that never call
+    the user's fn and spend their time in I/O and compression).
     """
     if not items:
         return []
+    if client is None and threads > 1:
+        return _run_threads(func, items, shared, progress, on_result, threads)
     if client is None:
         return _run_serial(func, items, shared, progress, on_result)
     prefix = f"blockbuster-{name}-{uuid.uuid4().hex[:8]}"
@@ -62,6 +66,22 @@ def _run_serial(func, items, shared, progress, on_result) -> list:
             on_result(result)
         if progress is not None:
             progress.update()
+    return results
+
+
+def _run_threads(func, items, shared, progress, on_result, threads: int) -> list:
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    results: list[Any] = [None] * len(items)
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="blockbuster") as pool:
+        futures = {pool.submit(func, shared, item): i for i, item in enumerate(items)}
+        for future in as_completed(futures):
+            result = future.result()
+            results[futures[future]] = result
+            if on_result is not None:
+                on_result(result)
+            if progress is not None:
+                progress.update()
     return results
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 import tempfile
 import traceback
@@ -46,6 +47,16 @@ log = logging.getLogger("blockbuster")
 FORMAT_VERSION = 1
 #: Stop early when this many tiles failed before any succeeded: the fn is broken, not the data.
 FAIL_FAST_AFTER = 3
+#: The phases that never call fn (stitching, writing) use two threads (decompression,
+#: compression and file I/O release the GIL) while a tile's buffers are small; larger tiles run
+#: one at a time, because a second thread's buffers (and allocator arena) would then exceed what
+#: "auto" sizing reserved for one segmentation tile. Segmentation is always one tile at a time.
+IO_THREADS = min(2, os.cpu_count() or 1)
+IO_THREADS_MAX_TILE_VOXELS = 2**20
+
+
+def _io_threads(grid: TileGrid) -> int:
+    return IO_THREADS if math.prod(grid.tile_shape) <= IO_THREADS_MAX_TILE_VOXELS else 1
 
 
 # -- the per-tile work (runs in the worker) ---------------------------------------------------
@@ -101,15 +112,16 @@ def segment_tile(ctx: RunContext, tile_id: int) -> TileOutcome:
         return TileOutcome(tile_id, error=error)
     del data
     labels = _check_result(ctx, tile, result)
-    if ctx.mode == "iou":
-        local, n = stitching.sequential_local_labels(labels)
+    if ctx.mode == "iou":  # halo labels are kept for matching: number the padded tile
+        local, n, _ = stitching.sequential_local_labels(labels)
         core = local[tile.inner]
+        counts = stitching.count_per_label(core, n)
         boundary = stitching.boundary_arrays(ctx.grid, tile, local, ctx.mode)
     else:
-        core, n = stitching.sequential_local_labels(labels[tile.inner])
+        core, n, counts = stitching.sequential_local_labels(labels[tile.inner])
         boundary = stitching.boundary_arrays(ctx.grid, tile, core, ctx.mode)
     del labels, result
-    arrays = {"counts": stitching.count_per_label(core, n), **boundary}
+    arrays = {"counts": counts, **boundary}
     if ctx.table:
         arrays.update(_object_stats(core, n, tile))
     ctx.raw[tile.core] = core.astype(ctx.raw.dtype, copy=False)
@@ -779,7 +791,8 @@ def _stitch(grid: TileGrid, mode: str, work: WorkDir, connectivity: int, iou_thr
     if mode != "none" and grid.n_tiles > 1:
         with make_progress(grid.n_tiles, "stitching", progress) as bar:
             for tile_id, found in run_tasks(match_tile, list(range(grid.n_tiles)), sctx,
-                                            client=client, progress=bar, name="stitch"):
+                                            client=client, progress=bar, name="stitch",
+                                            threads=_io_threads(grid)):
                 for other, la, lb in found:
                     edges_a.append(offsets[tile_id] + la)
                     edges_b.append(offsets[other] + lb)
@@ -799,7 +812,8 @@ def _write_output(target: OutputTarget, grid: TileGrid, work: WorkDir,
     todo = [t for t in range(grid.n_tiles) if n_local[t] > 0]
     rctx = RelabelContext(grid, work.path, out, stitched.offsets, n_local)
     with make_progress(len(todo), "writing", progress) as bar:
-        run_tasks(relabel_tile, todo, rctx, client=client, progress=bar, name="relabel")
+        run_tasks(relabel_tile, todo, rctx, client=client, progress=bar, name="relabel",
+                  threads=_io_threads(grid))
     target.finalize()
     return out
 

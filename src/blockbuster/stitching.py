@@ -251,34 +251,42 @@ def relabel(raw: np.ndarray, lut: np.ndarray) -> np.ndarray:
     return lut[raw]
 
 
-def sequential_local_labels(labels: np.ndarray) -> tuple[np.ndarray, int]:
-    """Renumber labels to 1..n (0 stays background), as uint32 (uint64 if needed).
+def sequential_local_labels(labels: np.ndarray) -> tuple[np.ndarray, int, np.ndarray]:
+    """Renumber labels to 1..n (0 stays background); also return the voxel count of each.
 
-    Uses a lookup table when the largest id is not much larger than the array (linear time),
-    and sorting otherwise.
+    Returns ``(local, n, counts)`` with ``local`` as uint32 (uint64 if needed) and
+    ``counts[l]`` the voxels of local label ``l`` (``counts[0]``: background). Uses a lookup
+    table when the largest id is not much larger than the array (linear time), sorting
+    otherwise; labels that are already 1..n (``scipy.ndimage.label``, most watersheds) are only
+    cast.
 
     Examples
     --------
-    >>> out, n = sequential_local_labels(np.array([[0, 7, 7], [3, 0, 9]]))
-    >>> out.tolist(), n
-    ([[0, 2, 2], [1, 0, 3]], 3)
+    >>> out, n, counts = sequential_local_labels(np.array([[0, 7, 7], [3, 0, 9]]))
+    >>> out.tolist(), n, counts.tolist()
+    ([[0, 2, 2], [1, 0, 3]], 3, [2, 1, 2, 1])
     """
     flat = labels.ravel()
     top = int(flat.max(initial=0))
     if top == 0:
-        return np.zeros(labels.shape, dtype=np.uint32), 0
+        return np.zeros(labels.shape, dtype=np.uint32), 0, np.array([flat.size], np.int64)
     if top <= 4 * flat.size + 1024:
-        present = np.bincount(flat, minlength=top + 1) > 0
+        counts = np.bincount(flat, minlength=top + 1)
+        present = counts > 0
         present[0] = False
         n = int(present.sum())
-        lut = np.zeros(top + 1, dtype=label_dtype(n) if n else np.uint32)
+        dtype = label_dtype(n)
+        if n == top:  # already sequential: no gather needed
+            return labels.astype(dtype, copy=False), n, counts
+        lut = np.zeros(top + 1, dtype=dtype)
         lut[present] = np.arange(1, n + 1)
-        return lut[labels], n
-    uniq, inverse = np.unique(flat, return_inverse=True)
-    shift = 0 if uniq[0] == 0 else 1
-    n = len(uniq) - (1 - shift)
-    out = (inverse + shift).astype(label_dtype(n)).reshape(labels.shape)
-    return out, n
+        return lut[labels], n, np.concatenate([counts[:1], counts[present]])
+    uniq, inverse, counts = np.unique(flat, return_inverse=True, return_counts=True)
+    if uniq[0] != 0:  # no background voxel at all
+        inverse = inverse + 1
+        counts = np.concatenate([[0], counts])
+    n = len(counts) - 1
+    return inverse.astype(label_dtype(n)).reshape(labels.shape), n, counts
 
 
 def count_per_label(labels: np.ndarray, n: int) -> np.ndarray:
