@@ -95,13 +95,13 @@ def main() -> None:
 
         setattr(runner, name, wrapped)
     elif point == "finalize":
-        original_mark = runner._mark_complete
+        original_mark = runner.mark_complete
 
         def mark(*args):
             original_mark(*args)
             tick()  # complete, but the work directory is not removed yet
 
-        runner._mark_complete = mark
+        runner.mark_complete = mark
     fn = Segment(log_path, n if point == "segment" else None)
     runner.tile_process(image, fn, (30, 30), 4, stitch="iou", output=output, resume=resume,
                         table=True, progress=False)

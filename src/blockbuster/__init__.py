@@ -19,7 +19,8 @@ from .errors import (
     TileSizeError,
 )
 from .io import ImageSource, open_image
-from .runner import open_labels, tile_process
+from .output import open_labels
+from .runner import tile_process
 from .segmenter import MemoryModel, Segmenter
 from .sizing import auto_tile_shape, auto_tile_shape_cellpose, plan_tile_shape
 from .table import read_object_table

@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import traceback
 import warnings
 from collections.abc import Callable, Sequence
@@ -27,24 +26,23 @@ import zarr
 
 from . import stitching
 from .errors import (
-    IncompleteOutputError,
     InputError,
     OutputExistsError,
     TileError,
     TileFailures,
 )
 from .execution import active_client, run_tasks
-from .io import ImageSource, default_output_path, open_image
+from .io import ImageSource, open_image
+from .output import FORMAT_VERSION, OutputTarget, completion, mark_complete, resolve_output
 from .progress import make_progress
 from .segmenter import Segmenter, SegmenterInfo, describe_segmenter, fn_name
-from .store import WORK_SUFFIX, TileRecord, WorkDir, check_same_params, work_dir_for
+from .store import TileRecord, WorkDir, check_same_params
 from .tiling import Tile, TileGrid, clip_depth, normalize_overlap
 
-__all__ = ["tile_process", "open_labels"]
+__all__ = ["tile_process"]
 
 log = logging.getLogger("blockbuster")
 
-FORMAT_VERSION = 1
 #: Stop early when this many tiles failed before any succeeded: the fn is broken, not the data.
 FAIL_FAST_AFTER = 3
 #: The phases that never call fn (stitching, writing) use two threads (decompression,
@@ -347,137 +345,6 @@ def _resolve_stitch(stitch: str, info: SegmenterInfo, grid: TileGrid) -> str:
     return stitch
 
 
-# -- output -----------------------------------------------------------------------------------
-@dataclass
-class OutputTarget:
-    """Where the labels go (a zarr array, or an OME-Zarr label image), and the work directory.
-
-    For OME-Zarr, ``path`` is the label image group (``<image>/labels/<name>`` or a standalone
-    group) and the labels themselves are its level ``0``; the pyramid and the NGFF metadata are
-    added by :meth:`finalize` once level 0 is complete.
-    """
-
-    path: Path | None
-    store: Any
-    work_path: Path
-    temporary: bool = False
-    ome_name: str | None = None
-    ome_image: Path | None = None
-    ome_standalone: bool = False
-
-    @property
-    def is_ome(self) -> bool:
-        return self.ome_name is not None
-
-    @property
-    def array_path(self) -> Path | None:
-        if self.path is None:
-            return None
-        return self.path / "0" if self.is_ome else self.path
-
-    def exists(self) -> bool:
-        if self.path is not None:
-            return any((self.array_path / m).exists() for m in ("zarr.json", ".zarray"))
-        try:
-            zarr.open_array(store=self.store, mode="r")
-            return True
-        except Exception:
-            return False
-
-    def open(self, mode: str = "r") -> zarr.Array:
-        store = str(self.array_path) if self.path is not None else self.store
-        return zarr.open_array(store=store, mode=mode)
-
-    def create(self, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: np.dtype,
-               attrs: dict[str, Any]) -> zarr.Array:
-        if not self.is_ome:
-            store = str(self.path) if self.path is not None else self.store
-            return zarr.create_array(store=store, shape=shape, chunks=chunks, dtype=dtype,
-                                     fill_value=0, overwrite=True, attributes=attrs)
-        from .ome import create_label_level0
-
-        arr = create_label_level0(self.ome_image, self.ome_name, shape, chunks, dtype,
-                                  standalone_path=self.path if self.ome_standalone else None,
-                                  overwrite=True)
-        arr.attrs.update(attrs)
-        return arr
-
-    def finalize(self) -> None:
-        """Add the multiscale pyramid and NGFF metadata (OME-Zarr outputs only)."""
-        if self.is_ome:
-            from .ome import finalize_ome_labels
-
-            finalize_ome_labels(self.ome_image, self.ome_name,
-                                standalone_path=self.path if self.ome_standalone else None)
-
-    def remove(self) -> None:
-        # An OME label image is replaced by create() (which also unlists it from the image).
-        if self.path is not None and not self.is_ome:
-            shutil.rmtree(self.path, ignore_errors=True)
-
-    def describe(self) -> str:
-        return str(self.path) if self.path is not None else repr(self.store)
-
-
-def _resolve_output(output: Any, source: ImageSource, work_dir: Any, ome: bool | None,
-                    label_name: str) -> OutputTarget:
-    def work_for(path: Path) -> Path:
-        return Path(work_dir) if work_dir else work_dir_for(path)
-
-    ome_input = source.kind == "ome-zarr"
-    if output is None and ome_input and ome is not False:
-        # The NGFF way: <image>/labels/<name>, listed in the image for napari & co.
-        group = source.path / "labels" / label_name
-        work = Path(work_dir) if work_dir else source.path.with_name(
-            f"{source.path.name}.{label_name}{WORK_SUFFIX}")
-        return OutputTarget(group, None, work, ome_name=label_name, ome_image=source.path)
-    if output is None:
-        if source.path is not None:
-            output = default_output_path(source.path)
-        else:
-            tmp = Path(tempfile.mkdtemp(prefix="blockbuster-"))
-            log.info("in-memory input: writing labels to %s", tmp / "labels.zarr")
-            output = tmp / "labels.zarr"
-            return OutputTarget(output, None, work_for(output), temporary=True,
-                                ome_name=label_name if ome else None, ome_standalone=True)
-    if isinstance(output, (str, Path)):
-        path = Path(output)
-        if source.path is not None and path.resolve() == source.path.resolve():
-            raise InputError(f"output {path} is the input image; choose another path")
-        standalone = ome if ome is not None else path.name.lower().endswith(".ome.zarr")
-        return OutputTarget(path, None, work_for(path), ome_name=label_name if standalone else None,
-                            ome_image=source.path if ome_input else None, ome_standalone=True)
-    if ome:
-        raise InputError("ome=True needs an output path (or an OME-Zarr input), not a store")
-    work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="blockbuster-work-"))
-    return OutputTarget(None, output, work)
-
-
-def _completion(arr: zarr.Array) -> dict[str, Any] | None:
-    meta = arr.attrs.get("blockbuster")
-    return meta if isinstance(meta, dict) else None
-
-
-def open_labels(path: str | Path, *, allow_incomplete: bool = False) -> zarr.Array:
-    """Open labels written by :func:`tile_process`, refusing an unfinished output.
-
-    ``path`` is a labels array, or an OME-Zarr label image group (its level 0 is opened).
-
-    Raises
-    ------
-    IncompleteOutputError
-        The run that writes this output has not finished (or died); resume it.
-    """
-    node = zarr.open(store=str(path), mode="r")
-    arr = node["0"] if isinstance(node, zarr.Group) else node
-    meta = _completion(arr)
-    if not allow_incomplete and (meta is None or not meta.get("complete")):
-        raise IncompleteOutputError(
-            f"{path} is not a complete blockbuster output (the run that writes it did not "
-            "finish); rerun tile_process with resume=True to finish it")
-    return arr
-
-
 # -- the run ----------------------------------------------------------------------------------
 def tile_process(
     image: Any,
@@ -607,11 +474,9 @@ def tile_process(
     grid = _plan_grid(source.spatial_shape, chunks, overlap_t)
     mode = _resolve_stitch(stitch, info, grid)
     stitching.check_mode(mode, grid.depth, connectivity, grid.ndim)
-    target = _resolve_output(output, source, work_dir, ome, label_name)
-    manifest = _manifest(source, info, grid, mode, connectivity, iou_threshold, table)
-    manifest["params"]["mask"] = None if mask_source is None else (
-        str(mask_source.path) if mask_source.path else f"<in-memory {mask_source.shape}>")
-    manifest["params"]["skip_empty"] = bool(skip_empty)
+    target = resolve_output(output, source, work_dir, ome, label_name)
+    manifest = _manifest(source, info, grid, mode, connectivity, iou_threshold, table,
+                         mask_source, skip_empty)
     work = WorkDir(target.work_path)
     done = _prepare_work(target, work, manifest, overwrite=overwrite, resume=resume)
     if done is not None:
@@ -637,7 +502,9 @@ def _open_mask(mask: Any, source: ImageSource) -> ImageSource | None:
 
 
 def _manifest(source: ImageSource, info: SegmenterInfo, grid: TileGrid, mode: str,
-              connectivity: int, iou_threshold: float, table: Any) -> dict[str, Any]:
+              connectivity: int, iou_threshold: float, table: Any, mask: ImageSource | None,
+              skip_empty: bool) -> dict[str, Any]:
+    """The parameters that define the result: a resumed run must have the same."""
     params = {
         "input": str(source.path) if source.path else f"<in-memory {source.kind}>",
         "shape": list(source.shape),
@@ -650,6 +517,8 @@ def _manifest(source: ImageSource, info: SegmenterInfo, grid: TileGrid, mode: st
         "connectivity": connectivity if mode == "faces" else None,
         "iou_threshold": iou_threshold if mode == "iou" else None,
         "table": bool(table),
+        "mask": None if mask is None else (str(mask.path) if mask.path else f"<in-memory {mask.shape}>"),
+        "skip_empty": bool(skip_empty),
     }
     return {"format": FORMAT_VERSION, "params": params}
 
@@ -669,13 +538,13 @@ def _prepare_work(target: OutputTarget, work: WorkDir, manifest: dict[str, Any],
                     "overwrite=True to start again")
             work.check_same_run(manifest)
             if target.exists():
-                meta = _completion(target.open())
+                meta = completion(target.open())
                 if meta and meta.get("complete"):
                     work.remove()
                     return target.open()
             return None
         if target.exists() and not overwrite:
-            existing = _completion(target.open())
+            existing = completion(target.open())
             if resume and existing and existing.get("complete"):
                 check_same_params(existing.get("params", {}), manifest["params"],
                                   target.describe())
@@ -718,7 +587,7 @@ def _run(ctx: RunContext, info: SegmenterInfo, target: OutputTarget, work: WorkD
         from .table import write_object_table
 
         write_object_table(work, grid, stitched, _table_path(table, target))
-    _mark_complete(out, manifest, stitched.n_labels)
+    mark_complete(out, manifest, stitched.n_labels)
     if not keep_work:
         work.remove()
     log.info("wrote %d objects to %s", stitched.n_labels, target.describe())
@@ -828,8 +697,3 @@ def _table_path(table: Any, target: OutputTarget) -> Path:
     else:
         base = target.work_path.parent / "labels"
     return base.with_name(base.name + ".objects.csv")
-
-
-def _mark_complete(out: zarr.Array, manifest: dict[str, Any], n_labels: int) -> None:
-    out.attrs["blockbuster"] = {"complete": True, "params": manifest["params"],
-                                "n_labels": int(n_labels), "format": FORMAT_VERSION}

@@ -20,7 +20,6 @@ Two modes:
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass
 
 import numpy as np

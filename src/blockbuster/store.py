@@ -21,7 +21,6 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
