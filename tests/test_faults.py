@@ -267,3 +267,30 @@ def test_slurm_job_script_without_a_scheduler():
                  "#SBATCH --gres=gpu:1", "#SBATCH --cpus-per-task=8"):
         assert line in script
     assert "distributed.cli.dask_worker" in script or "dask worker" in script or "dask-worker" in script
+
+
+class DieOnce:
+    """Kills the worker process running it, the first time only (a marker file remembers)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __call__(self, tile):
+        if not self.marker.exists():
+            self.marker.touch()
+            os._exit(1)  # a hard worker death: no exception, no cleanup
+        return ndimage.label(tile > 0)[0]
+
+
+@pytest.mark.slow
+def test_a_worker_that_dies_is_replaced_and_its_tile_rerun(blobs2d, tmp_path):
+    from distributed import Client
+
+    from blockbuster.cluster import local_cluster
+
+    fn = DieOnce(tmp_path / "died")
+    with local_cluster(2, memory_limit="2GiB") as cluster, Client(cluster) as client:
+        out = tile_process(blobs2d, fn, (40, 40), stitch="faces", client=client,
+                           output=tmp_path / "out.zarr")[:]
+    assert (tmp_path / "died").exists()
+    assert same_partition(out, ndimage.label(blobs2d)[0])
