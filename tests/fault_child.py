@@ -80,7 +80,7 @@ def main() -> None:
         original_replace = store.os.replace
 
         def replace(src, dst):
-            if str(dst).endswith(".npz"):
+            if str(dst).endswith(".tile"):
                 tick()
             return original_replace(src, dst)
 
@@ -97,8 +97,8 @@ def main() -> None:
     elif point == "finalize":
         original_mark = runner.mark_complete
 
-        def mark(*args):
-            original_mark(*args)
+        def mark(*args, **kwargs):
+            original_mark(*args, **kwargs)
             tick()  # complete, but the work directory is not removed yet
 
         runner.mark_complete = mark

@@ -294,3 +294,51 @@ def test_a_worker_that_dies_is_replaced_and_its_tile_rerun(blobs2d, tmp_path):
                            output=tmp_path / "out.zarr")[:]
     assert (tmp_path / "died").exists()
     assert same_partition(out, ndimage.label(blobs2d)[0])
+
+
+def test_resume_with_auto_tiles_reuses_the_runs_tiles(tmp_path, blobs2d, monkeypatch):
+    """Free memory changes between starts; a resume must not resize the tiles (and be refused)."""
+    from blockbuster import sizing
+    from blockbuster.sizing import MemoryProbe
+
+    out = tmp_path / "out.zarr"
+    image = blobs2d.astype(np.uint8)
+    image[0, 0] = 7
+    flag = tmp_path / "fixed"
+    monkeypatch.setattr(sizing, "_probe_ram", lambda: MemoryProbe(60_000, 2**30, "RAM", "test"))
+    with pytest.raises(TileFailures):
+        tile_process(image, _failing(flag, {7}), "auto", stitch="faces", output=out, retries=0)
+    first = WorkDir(work_dir_for(out)).read_manifest()["params"]["tile_chunks"]
+    assert sizing.auto_tile_shape(image.shape, image.dtype, memory=30_500) != tuple(
+        max(c) for c in first)  # sizing again now would choose other tiles
+    flag.touch()
+    monkeypatch.setattr(sizing, "_probe_ram", lambda: MemoryProbe(61_000, 2**30, "RAM", "test"))
+    labels = tile_process(image, _failing(flag, {7}), "auto", stitch="faces", output=out,
+                          resume=True)
+    assert labels.chunks == tuple(max(c) for c in first)
+    assert same_partition(labels[:], ndimage.label(image > 0)[0])
+
+
+def test_a_refused_run_leaves_nothing_behind(tmp_path, blobs2d):
+    out = tmp_path / "out.zarr"
+    tile_process(blobs2d, lambda t: ndimage.label(t)[0], (50, 50), stitch="faces", output=out)
+    with pytest.raises(OutputExistsError):
+        tile_process(blobs2d, lambda t: ndimage.label(t)[0], (50, 50), stitch="faces", output=out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.zarr"]
+
+
+def test_resume_accepts_the_input_path_in_another_form(tmp_path, blobs2d, monkeypatch):
+    source = tmp_path / "img.zarr"
+    zarr.create_array(store=str(source), shape=blobs2d.shape, chunks=(50, 50), dtype="uint8")[:] = blobs2d
+    data = zarr.open_array(str(source), mode="r+")
+    data[0, 0] = 7
+    flag = tmp_path / "fixed"
+    out = tmp_path / "out.zarr"
+    with pytest.raises(TileFailures):
+        tile_process(str(source), _failing(flag, {7}), (50, 50), stitch="faces", output=out,
+                     retries=0)
+    flag.touch()
+    monkeypatch.chdir(tmp_path)
+    labels = tile_process("img.zarr", _failing(flag, {7}), (50, 50), stitch="faces",
+                          output="out.zarr", resume=True)
+    assert labels.attrs["blockbuster"]["complete"]

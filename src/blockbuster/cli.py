@@ -688,14 +688,6 @@ def _labels_location(arr: zarr.Array) -> Path | None:
     return where
 
 
-def _default_table_path(labels: Path) -> Path:
-    """Where ``table=True`` writes the object table (as tile_process does)."""
-    if labels.parent.name == "labels":  # <image>/labels/<name>: next to the image, not in it
-        image = labels.parent.parent
-        return image.with_name(f"{image.name}.{labels.name}.objects.csv")
-    return labels.with_name(labels.name + ".objects.csv")
-
-
 def _plural(n: int, noun: str) -> str:
     """``1 tile``, ``2 tiles``, ``12,345 objects``."""
     return f"{n:,} {noun}{'' if n == 1 else 's'}"
@@ -831,11 +823,9 @@ def _print_segment_summary(out: zarr.Array, args: argparse.Namespace, elapsed: f
     objects = _plural(n, "object") if isinstance(n, int) else "objects"
     print(f"labels: {labels if labels is not None else out.store}  ({objects}, "
           f"{_format_shape(out.shape)} {out.dtype})")
-    if args.table:
-        table = Path(args.table) if args.table is not True else (
-            _default_table_path(labels) if labels is not None else None)
-        if table is not None and table.exists():
-            print(f"table:  {table}")
+    table = meta.get("table")
+    if table is not None and Path(table).exists():
+        print(f"table:  {table}")
     print(f"time:   {elapsed:.1f} s")
 
 
@@ -904,13 +894,9 @@ def _tiff_axes(path: Path) -> str | None:
 
 def _work_dirs(path: Path) -> list[Path]:
     """Work directories an output at ``path`` can have (as tile_process names them)."""
-    from .store import WORK_SUFFIX, work_dir_for
+    from .output import work_dirs_for
 
-    found = [work_dir_for(path)]
-    if path.parent.name == "labels":  # <image>/labels/<name> keeps its work next to the image
-        image = path.parent.parent
-        found.append(image.with_name(f"{image.name}.{path.name}{WORK_SUFFIX}"))
-    return found
+    return work_dirs_for(path)
 
 
 def _find_output(path: Path) -> tuple[zarr.Array, dict[str, Any]] | None:

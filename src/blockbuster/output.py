@@ -20,7 +20,8 @@ from .errors import IncompleteOutputError, InputError
 from .io import ImageSource, default_output_path
 from .store import WORK_SUFFIX, work_dir_for
 
-__all__ = ["OutputTarget", "resolve_output", "open_labels", "completion", "mark_complete"]
+__all__ = ["OutputTarget", "resolve_output", "open_labels", "completion", "mark_complete",
+           "work_dirs_for"]
 
 log = logging.getLogger("blockbuster")
 
@@ -99,6 +100,23 @@ class OutputTarget:
         return str(self.path) if self.path is not None else repr(self.store)
 
 
+def ome_work_dir(image: Path, label_name: str) -> Path:
+    """Work directory of the labels ``<image>/labels/<label_name>``: next to the image."""
+    return image.with_name(f"{image.name}.{label_name}{WORK_SUFFIX}")
+
+
+def work_dirs_for(path: str | Path) -> list[Path]:
+    """The work directories an output at ``path`` can have (default locations).
+
+    ``path`` is a labels array, a standalone label image, or ``<image>/labels/<name>``.
+    """
+    path = Path(path)
+    found = [work_dir_for(path)]
+    if path.parent.name == "labels":
+        found.append(ome_work_dir(path.parent.parent, path.name))
+    return found
+
+
 def resolve_output(output: Any, source: ImageSource, work_dir: Any, ome: bool | None,
                     label_name: str) -> OutputTarget:
     def work_for(path: Path) -> Path:
@@ -108,8 +126,7 @@ def resolve_output(output: Any, source: ImageSource, work_dir: Any, ome: bool | 
     if output is None and ome_input and ome is not False:
         # The NGFF way: <image>/labels/<name>, listed in the image for napari & co.
         group = source.path / "labels" / label_name
-        work = Path(work_dir) if work_dir else source.path.with_name(
-            f"{source.path.name}.{label_name}{WORK_SUFFIX}")
+        work = Path(work_dir) if work_dir else ome_work_dir(source.path, label_name)
         return OutputTarget(group, None, work, ome_name=label_name, ome_image=source.path)
     if output is None:
         if source.path is not None:
@@ -158,6 +175,11 @@ def open_labels(path: str | Path, *, allow_incomplete: bool = False) -> zarr.Arr
     return arr
 
 
-def mark_complete(out: zarr.Array, manifest: dict[str, Any], n_labels: int) -> None:
-    out.attrs["blockbuster"] = {"complete": True, "params": manifest["params"],
-                                "n_labels": int(n_labels), "format": FORMAT_VERSION}
+def mark_complete(out: zarr.Array, manifest: dict[str, Any], n_labels: int, *,
+                  table: str | None = None) -> None:
+    """Mark a finished output: written last, so its presence means everything is there."""
+    meta = {"complete": True, "params": manifest["params"], "n_labels": int(n_labels),
+            "format": FORMAT_VERSION}
+    if table is not None:
+        meta["table"] = table
+    out.attrs["blockbuster"] = meta

@@ -255,22 +255,26 @@ class RelabelContext:
     output: zarr.Array
     offsets: np.ndarray
     n_local: np.ndarray
-    _final: Any = field(default=None, repr=False)
-    _raw: Any = field(default=None, repr=False)
+    _arrays: Any = field(default=None, repr=False)
+
+    def arrays(self) -> tuple[zarr.Array, zarr.Array]:
+        """The final map and the raw labels, opened once per process (threads share them)."""
+        if self._arrays is None:
+            work = WorkDir(self.work_path)
+            self._arrays = (work.open_final_map(), work.open_raw())  # one atomic assignment
+        return self._arrays
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_final": None, "_raw": None}
+        return {**self.__dict__, "_arrays": None}
 
 
 def relabel_tile(ctx: RelabelContext, tile_id: int) -> int:
     """Write one tile's final labels: its raw core through its own slice of the final map."""
-    if ctx._final is None:
-        ctx._final = WorkDir(ctx.work_path).open_final_map()
-        ctx._raw = WorkDir(ctx.work_path).open_raw()
+    final, raw = ctx.arrays()
     tile = ctx.grid.tile(tile_id)
     start = int(ctx.offsets[tile_id])
-    lut = ctx._final[start: start + int(ctx.n_local[tile_id]) + 1]
-    ctx.output[tile.core] = stitching.relabel(ctx._raw[tile.core], lut)
+    lut = final[start: start + int(ctx.n_local[tile_id]) + 1]
+    ctx.output[tile.core] = stitching.relabel(raw[tile.core], lut)
     return tile_id
 
 
@@ -470,11 +474,13 @@ def tile_process(
         from dask.utils import parse_bytes
 
         memory = parse_bytes(memory)
-    chunks = _resolve_tile_shape(tile_shape, source, overlap_t, info, use_gpu, memory)
+    target = resolve_output(output, source, work_dir, ome, label_name)
+    chunks = _previous_tiles(target, tile_shape) if resume else None
+    if chunks is None:
+        chunks = _resolve_tile_shape(tile_shape, source, overlap_t, info, use_gpu, memory)
     grid = _plan_grid(source.spatial_shape, chunks, overlap_t)
     mode = _resolve_stitch(stitch, info, grid)
     stitching.check_mode(mode, grid.depth, connectivity, grid.ndim)
-    target = resolve_output(output, source, work_dir, ome, label_name)
     manifest = _manifest(source, info, grid, mode, connectivity, iou_threshold, table,
                          mask_source, skip_empty)
     work = WorkDir(target.work_path)
@@ -489,6 +495,26 @@ def tile_process(
                     keep_work=keep_work)
     finally:
         work.release_lock()
+
+
+def _previous_tiles(target: OutputTarget, tile_shape: Any) -> tuple[tuple[int, ...], ...] | None:
+    """On resume, "auto" and callable sizing reuse the tiles the run started with.
+
+    Free memory differs from one start to the next, so sizing again would pick other tiles and
+    the resume would be refused for a difference the user never asked for.
+    """
+    if not (isinstance(tile_shape, str) or callable(tile_shape)):
+        return None
+    params = None
+    work = WorkDir(target.work_path)
+    if work.exists():
+        params = work.read_manifest()["params"]
+    elif target.exists():
+        params = (completion(target.open()) or {}).get("params")
+    if not params or "tile_chunks" not in params:
+        return None
+    log.info("resuming with the run's tile shape (tile_shape=%r is not sized again)", tile_shape)
+    return tuple(tuple(c) for c in params["tile_chunks"])
 
 
 def _open_mask(mask: Any, source: ImageSource) -> ImageSource | None:
@@ -506,7 +532,7 @@ def _manifest(source: ImageSource, info: SegmenterInfo, grid: TileGrid, mode: st
               skip_empty: bool) -> dict[str, Any]:
     """The parameters that define the result: a resumed run must have the same."""
     params = {
-        "input": str(source.path) if source.path else f"<in-memory {source.kind}>",
+        "input": str(source.path.resolve()) if source.path else f"<in-memory {source.kind}>",
         "shape": list(source.shape),
         "dtype": source.dtype.str,
         "channel_axis": source.channel_axis,
@@ -529,6 +555,7 @@ def _prepare_work(target: OutputTarget, work: WorkDir, manifest: dict[str, Any],
 
     Returns the existing output when it is already complete with the same parameters.
     """
+    created = not work.path.exists()
     work.acquire_lock()
     try:
         if work.exists() and not overwrite:
@@ -558,7 +585,10 @@ def _prepare_work(target: OutputTarget, work: WorkDir, manifest: dict[str, Any],
         work.create(manifest)
         return None
     except BaseException:
-        work.release_lock()
+        if created:  # a refused run leaves nothing behind
+            work.remove()
+        else:
+            work.release_lock()
         raise
 
 
@@ -587,7 +617,8 @@ def _run(ctx: RunContext, info: SegmenterInfo, target: OutputTarget, work: WorkD
         from .table import write_object_table
 
         write_object_table(work, grid, stitched, _table_path(table, target))
-    mark_complete(out, manifest, stitched.n_labels)
+    mark_complete(out, manifest, stitched.n_labels,
+                  table=str(_table_path(table, target)) if table else None)
     if not keep_work:
         work.remove()
     log.info("wrote %d objects to %s", stitched.n_labels, target.describe())
@@ -600,8 +631,9 @@ def _log_plan(source: ImageSource, info: SegmenterInfo, grid: TileGrid, mode: st
     peak = predict_peak_bytes(grid.tile_shape, source.dtype, overlap=grid.depth,
                               channels=source.n_channels, memory_model=info.memory_model,
                               image_shape=source.spatial_shape)
-    log.info("tile shape %s, overlap %s, %d tiles, stitch=%s, predicted peak memory %s",
-             grid.tile_shape, grid.depth, grid.n_tiles, mode, format_bytes(peak))
+    log.info("tile shape %s, overlap %s, %d tile%s, stitch=%s, predicted peak memory %s",
+             grid.tile_shape, grid.depth, grid.n_tiles, "" if grid.n_tiles == 1 else "s", mode,
+             format_bytes(peak))
 
 
 def _segment_all(ctx: RunContext, work: WorkDir, client: Any, progress: bool | None) -> None:

@@ -5,7 +5,7 @@ Layout of ``<output>.blockbuster-work/``::
     manifest.json   the run's parameters; a resumed run must match them
     lock            held (flock) by the run that is writing the output
     raw.zarr        each tile's core labels with tile-local ids 1..n (chunks = tile cores)
-    tiles/<id>.npz  one record per finished tile: label count, voxel counts, boundary data;
+    tiles/<id>.tile one record per finished tile: label count, voxel counts, boundary data;
                     its presence is what marks the tile done (written last, atomically)
     failed/<id>.txt traceback of a tile whose fn failed
     final.zarr      the stitched mapping: tile-local id -> final label, one slice per tile
@@ -44,14 +44,20 @@ def work_dir_for(output: Path) -> Path:
 class TileRecord:
     """What one finished tile left for stitching: metadata and named arrays.
 
-    Arrays are compressed one by one, so reading a record only decompresses what is asked for.
+    On disk: ``MAGIC``, the header length (8 bytes, little endian), a JSON header (the metadata
+    and, per array, dtype, shape, offset and size), then each array compressed on its own, so a
+    reader decompresses only what it asks for. (Not ``.npz``: NumPy parses its headers with
+    ``ast``, which CPython 3.11 cannot do safely from several threads at once.)
     """
 
+    MAGIC = b"BBTILE1\n"
+
     def __init__(self, meta: dict[str, Any], arrays: dict[str, np.ndarray] | None = None,
-                 lazy: Any = None):
+                 path: Path | None = None, header_end: int = 0):
         self.meta = meta
         self._arrays = arrays or {}
-        self._lazy = lazy
+        self._path = path
+        self._header_end = header_end
 
     def __contains__(self, name: str) -> bool:
         return name in self._arrays or name in self.meta.get("arrays", {})
@@ -62,21 +68,27 @@ class TileRecord:
         spec = self.meta.get("arrays", {}).get(name)
         if spec is None:
             return None
-        raw = _CODEC.decode(self._lazy[name].tobytes())
+        with open(self._path, "rb") as f:
+            f.seek(self._header_end + spec["offset"])
+            raw = _CODEC.decode(f.read(spec["nbytes"]))
         return np.frombuffer(raw, dtype=spec["dtype"]).reshape(spec["shape"])
 
     def save(self, path: Path) -> None:
-        """Write atomically: a reader sees the whole record or none."""
-        meta = dict(self.meta)
-        meta["arrays"] = {k: {"dtype": v.dtype.str, "shape": list(v.shape)}
-                          for k, v in self._arrays.items()}
-        members = {k: np.frombuffer(_CODEC.encode(np.ascontiguousarray(v)), dtype=np.uint8)
-                   for k, v in self._arrays.items()}
-        members["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        """Write atomically (temporary file, fsync, rename): a reader sees all of it or none."""
+        blobs, specs, offset = [], {}, 0
+        for name, arr in self._arrays.items():
+            blob = _CODEC.encode(np.ascontiguousarray(arr))
+            specs[name] = {"dtype": arr.dtype.str, "shape": list(arr.shape), "offset": offset,
+                           "nbytes": len(blob)}
+            blobs.append(blob)
+            offset += len(blob)
+        header = json.dumps({**self.meta, "arrays": specs}).encode()
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
-                np.savez(f, **members)
+                f.write(self.MAGIC + len(header).to_bytes(8, "little") + header)
+                for blob in blobs:
+                    f.write(blob)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -86,9 +98,12 @@ class TileRecord:
 
     @classmethod
     def load(cls, path: Path) -> TileRecord:
-        npz = np.load(path, allow_pickle=False)
-        meta = json.loads(npz["__meta__"].tobytes())
-        return cls(meta, lazy=npz)
+        with open(path, "rb") as f:
+            if f.read(len(cls.MAGIC)) != cls.MAGIC:
+                raise ValueError(f"{path} is not a blockbuster tile record")
+            size = int.from_bytes(f.read(8), "little")
+            meta = json.loads(f.read(size))
+        return cls(meta, path=path, header_end=len(cls.MAGIC) + 8 + size)
 
 
 class WorkDir:
@@ -170,13 +185,13 @@ class WorkDir:
 
     # -- tiles ------------------------------------------------------------------------------
     def record_path(self, tile_id: int) -> Path:
-        return self.tiles_dir / f"{tile_id}.npz"
+        return self.tiles_dir / f"{tile_id}.tile"
 
     def done_tiles(self) -> set[int]:
         """Tiles with a complete record (partial temporary files are ignored)."""
         if not self.tiles_dir.exists():
             return set()
-        return {int(p.stem) for p in self.tiles_dir.glob("*.npz")}
+        return {int(p.stem) for p in self.tiles_dir.glob("*.tile")}
 
     def save_record(self, tile_id: int, record: TileRecord) -> None:
         record.save(self.record_path(tile_id))
