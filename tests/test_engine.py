@@ -280,3 +280,16 @@ def test_fn_returning_wrong_shape_or_dtype(bad, match, blobs2d):
 def test_fn_must_be_callable(blobs2d):
     with pytest.raises(InputError, match="callable"):
         tile_process(blobs2d, 42, (8, 8))
+
+
+def test_configuration_errors_from_fn_are_not_retried_or_buried(blobs2d):
+    """A missing GPU fails every tile alike: raise it at once, as it is."""
+    calls = []
+
+    def needs_gpu(tile):
+        calls.append(1)
+        raise blockbuster.NoGPUError("use_gpu=True but no CUDA device")
+
+    with pytest.raises(blockbuster.NoGPUError, match="no CUDA device"):
+        tile_process(blobs2d, needs_gpu, (50, 50), retries=3)
+    assert calls == [1]

@@ -26,6 +26,7 @@ import zarr
 
 from . import stitching
 from .errors import (
+    BlockbusterError,
     InputError,
     OutputExistsError,
     TileError,
@@ -151,6 +152,8 @@ def _call_with_retries(ctx: RunContext, tile: Tile, data: np.ndarray):
     for attempt in range(ctx.retries + 1):
         try:
             return ctx.fn(data), None
+        except BlockbusterError:
+            raise  # a configuration problem (no GPU, missing extra...): fails every tile alike
         except Exception as exc:  # the user's fn may raise anything; report it with the tile
             tb = traceback.format_exc()
             error = TileError(

@@ -1,0 +1,437 @@
+"""StarDist (2-D and 3-D) as a blockbuster segmenter.
+
+>>> from blockbuster.plugins.stardist import stardist_fn               # doctest: +SKIP
+>>> tile_process("image.zarr", stardist_fn("2D_versatile_fluo"))        # doctest: +SKIP
+
+``model`` is a pretrained name (``StarDist2D.from_pretrained``: ``2D_versatile_fluo``,
+``2D_versatile_he``, ``2D_paper_dsb2018``, ``3D_demo``, ... and their aliases) or a model folder
+of your own: ``stardist_fn("my_model", basedir="models")`` loads ``models/my_model`` exactly as
+``StarDist2D(None, name="my_model", basedir="models")`` does (``stardist_fn("models/my_model")``
+too). 2-D or 3-D is read from the folder's ``config.json`` or the pretrained registry.
+
+As with Cellpose, the model is loaded once per process and never pickled, and intensities are
+normalised with percentiles computed once for the whole image (StarDist's usual 1 and 99.8),
+so that tiles do not disagree at their borders; ``normalize="tile"`` normalises each tile with
+csbdeep's ``normalize`` instead. Nothing is imported from StarDist or TensorFlow when this
+module is imported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import inspect
+import io
+import json
+import logging
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import InputError
+from ..segmenter import MemoryModel, Segmenter
+from . import ModelCache, jsonable, require, stack_plane_labels
+from ._normalize import (
+    Percentiles,
+    check_mode,
+    check_percentiles,
+    normalize_tile,
+    tile_has_contrast,
+)
+
+if TYPE_CHECKING:
+    from ..io import ImageSource
+
+__all__ = ["MODEL_CACHE", "StardistSegmenter", "stardist_fn"]
+
+log = logging.getLogger("blockbuster.plugins.stardist")
+
+#: Models loaded in this process, shared by every StardistSegmenter.
+MODEL_CACHE = ModelCache("stardist")
+
+#: StarDist's usual normalisation percentiles (csbdeep ``normalize(x, 1, 99.8)``).
+DEFAULT_PERCENTILES = (1.0, 99.8)
+
+#: The overlap the tiling guide recommends for 2D_versatile_fluo, and the base for other models.
+BASE_OVERLAP = 32
+
+#: Arguments of ``predict_instances`` that the plugin sets itself.
+_RESERVED = frozenset({"img", "axes", "normalizer", "n_tiles", "return_predict", "prob_thresh",
+                       "nms_thresh"})
+
+# Peak working memory of predict_instances per voxel of the tile, measured here on the CPU as the
+# rise of the process's RSS (sampled every 5 ms) over its level after a warm-up call, with
+# untrained networks of the pretrained models' architecture (StarDist's default U-Net: 32 base
+# filters, 128 features after the U-Net): 2-D, 32 rays, grid 2 (as 2D_versatile_fluo): 350 B per
+# voxel for 1024^2 and 2048^2 tiles; 3-D, 96 rays, grid (1, 2, 2): 472-475 B per voxel for
+# 32x256x256 and 64x256x256. prob_thresh was high, so non-maximum suppression had little to do;
+# the declared values leave 20-25 % headroom for it and for the normalised copy of the tile.
+# The process held about 800 MB before the call (Python, NumPy, TensorFlow's runtime and the
+# model); 1 GiB of fixed memory covers the runtime and the weights in a worker.
+_BYTES_PER_VOXEL_2D = 420.0
+_BYTES_PER_VOXEL_3D = 600.0
+_FIXED_BYTES = 1024**3
+
+
+def stardist_fn(
+    model: str | os.PathLike = "2D_versatile_fluo",
+    *,
+    basedir: str | os.PathLike | None = None,
+    prob_thresh: float | None = None,
+    nms_thresh: float | None = None,
+    normalize: str = "global",
+    n_tiles: Sequence[int] | None = None,
+    **predict_kwargs: Any,
+) -> StardistSegmenter:
+    """A StarDist segmenter for :func:`blockbuster.tile_process`.
+
+    Parameters
+    ----------
+    model : str or path
+        A pretrained model name or alias, a model folder name inside ``basedir``, or the path
+        of a model folder (with ``config.json`` and weights).
+    basedir : path, optional
+        Folder holding the model folder ``model`` (as StarDist's own ``basedir``).
+    prob_thresh, nms_thresh : float, optional
+        Detection thresholds; default: the model's own (``thresholds.json``).
+    normalize : {"global", "tile", "none"}
+        ``"global"``: the same percentiles (1, 99.8) for every tile, from the whole image;
+        ``"tile"``: csbdeep's ``normalize`` per tile; ``"none"``: input already normalised.
+    n_tiles : sequence of int, optional
+        Let StarDist split each tile further (one entry per spatial axis of the model), for
+        GPUs with little memory.
+    **predict_kwargs
+        Passed to ``predict_instances`` (``scale``, ``nms_kwargs``, ...), plus this plugin's
+        ``percentiles`` and ``channel`` (see :class:`StardistSegmenter`).
+
+    Returns
+    -------
+    StardistSegmenter
+    """
+    return StardistSegmenter(model, basedir=basedir, prob_thresh=prob_thresh,
+                             nms_thresh=nms_thresh, normalize=normalize, n_tiles=n_tiles,
+                             **predict_kwargs)
+
+
+class StardistSegmenter(Segmenter):
+    """StarDist on one tile at a time, with the model loaded once per process.
+
+    Parameters
+    ----------
+    model, basedir, prob_thresh, nms_thresh, normalize, n_tiles, **predict_kwargs
+        As for :func:`stardist_fn`.
+    percentiles : (float, float)
+        Low and high percentile mapped to 0 and 1.
+    channel : int, optional
+        For a single-channel model on a multichannel image: the channel to segment (default 0).
+    """
+
+    name = "stardist"
+    preferred_stitch = "iou"
+
+    def __init__(
+        self,
+        model: str | os.PathLike = "2D_versatile_fluo",
+        *,
+        basedir: str | os.PathLike | None = None,
+        prob_thresh: float | None = None,
+        nms_thresh: float | None = None,
+        normalize: str = "global",
+        n_tiles: Sequence[int] | None = None,
+        percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
+        channel: int | None = None,
+        **predict_kwargs: Any,
+    ) -> None:
+        require(["stardist", "tensorflow"], "stardist", "StarDist")
+        self.model, self.basedir, self.spec = _resolve_model(model, basedir)
+        self.prob_thresh = _threshold("prob_thresh", prob_thresh)
+        self.nms_thresh = _threshold("nms_thresh", nms_thresh)
+        self.normalize = check_mode(normalize)
+        self.percentiles = check_percentiles(percentiles)
+        self.n_tiles = _check_n_tiles(n_tiles, self.spec["n_dim"])
+        self.channel = _check_channel(channel, self.spec["n_channel_in"])
+        self.predict_kwargs = _check_predict_kwargs(predict_kwargs)
+        #: Set by prepare() with normalize="global".
+        self.norm: Percentiles | None = None
+        self._warned_per_tile = False
+
+    # -- declared preferences -----------------------------------------------------------------
+    @property
+    def n_dim(self) -> int:
+        """2 or 3: the dimensionality of the model."""
+        return int(self.spec["n_dim"])
+
+    @property
+    def spatial_ndim(self) -> int | None:  # type: ignore[override]
+        return 2 if self.n_dim == 2 else None
+
+    @property
+    def preferred_overlap(self) -> int | tuple[int, ...]:  # type: ignore[override]
+        """32 (the guide's value for 2D_versatile_fluo), scaled by the model's grid and anisotropy.
+
+        A model that predicts on a coarser grid than 2 was trained for larger objects; a 3-D
+        model whose objects are flatter along an axis (``anisotropy``) needs less halo there.
+        """
+        grid = self.spec.get("grid") or (1,) * self.n_dim
+        anisotropy = self.spec.get("anisotropy") or (1.0,) * self.n_dim
+        per_axis = tuple(math.ceil(BASE_OVERLAP * max(1.0, g / 2) / max(a, 1e-6))
+                         for g, a in zip(grid, anisotropy))
+        return per_axis[0] if len(set(per_axis)) == 1 else per_axis
+
+    @property
+    def memory_model(self) -> MemoryModel:  # type: ignore[override]
+        per_voxel = _BYTES_PER_VOXEL_2D if self.n_dim == 2 else _BYTES_PER_VOXEL_3D
+        return MemoryModel(bytes_per_input_byte=0.0, bytes_per_voxel=per_voxel,
+                           fixed_bytes=_FIXED_BYTES)
+
+    @property
+    def model_cache(self) -> ModelCache:
+        return MODEL_CACHE
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "basedir": self.basedir,
+            "prob_thresh": self.prob_thresh,
+            "nms_thresh": self.nms_thresh,
+            "normalize": self.normalize,
+            "percentiles": list(self.percentiles),
+            "channel": self.channel,
+            "predict_kwargs": jsonable(self.predict_kwargs),
+        }
+
+    # -- running ------------------------------------------------------------------------------
+    def prepare(self, image: ImageSource) -> None:
+        """Check the image against the model and compute the normalisation percentiles once."""
+        spatial = len(image.spatial_shape)
+        if self.n_dim == 3 and spatial != 3:
+            raise InputError(f"{self.model!r} is a 3-D StarDist model; the image has spatial "
+                             f"shape {image.spatial_shape}")
+        self._check_channels(image.n_channels, image.channel_axis is not None)
+        if self.normalize == "global":
+            self.norm = Percentiles.from_image(image, self.percentiles)
+
+    def segment(self, tile: np.ndarray) -> np.ndarray:
+        """StarDist labels (int32) of one tile; a 2-D model segments each z-plane on its own."""
+        spatial = tuple(s for a, s in enumerate(tile.shape) if a != self.channel_axis)
+        if not tile_has_contrast(tile, self.channel_axis):
+            return np.zeros(spatial, np.int32)
+        x = self._normalized(tile)
+        x = np.moveaxis(x, self.channel_axis, -1) if self.channel_axis is not None else x[..., None]
+        x = self._model_channels(x)
+        model = self.load_model()
+        if len(spatial) == self.n_dim:
+            return self._predict(model, x)
+        if self.n_dim == 2 and len(spatial) == 3:
+            return stack_plane_labels([self._predict(model, plane) for plane in x], np.int32)
+        raise InputError(f"a {self.n_dim}-D StarDist model cannot segment a tile of spatial "
+                         f"shape {spatial}")
+
+    def _check_channels(self, n_channels: int, has_axis: bool) -> None:
+        wanted = self.spec["n_channel_in"]
+        if wanted > 1 and (not has_axis or n_channels != wanted):
+            raise InputError(f"StarDist model {self.model!r} takes {wanted} channels; the image "
+                             f"has {n_channels if has_axis else 'no channel axis'}")
+        if wanted == 1 and (self.channel or 0) >= n_channels:
+            raise InputError(f"channel={self.channel} but the image has {n_channels} channel(s)")
+
+    def _model_channels(self, x: np.ndarray) -> np.ndarray:
+        """Channels last, as many as the model takes."""
+        self._check_channels(x.shape[-1], self.channel_axis is not None)
+        if self.spec["n_channel_in"] == 1 and x.shape[-1] > 1:
+            c = self.channel or 0
+            return x[..., c:c + 1]
+        return x
+
+    def _normalized(self, tile: np.ndarray) -> np.ndarray:
+        if self.normalize == "none":
+            return tile.astype(np.float32)
+        if self.normalize == "tile":
+            from csbdeep.utils import normalize
+
+            axes = tuple(a for a in range(tile.ndim) if a != self.channel_axis)
+            return normalize(tile, *self.percentiles, axis=axes).astype(np.float32, copy=False)
+        return normalize_tile(tile, self._norm_for(tile), self.channel_axis)
+
+    def _norm_for(self, tile: np.ndarray) -> Percentiles:
+        if self.norm is not None:
+            return self.norm
+        if not self._warned_per_tile:
+            self._warned_per_tile = True
+            warnings.warn("StardistSegmenter.prepare() was not called, so normalisation "
+                          "percentiles are computed per tile, which can leave seams; "
+                          "tile_process calls prepare() itself", RuntimeWarning, stacklevel=4)
+        return Percentiles.from_tile(tile, self.channel_axis, self.percentiles)
+
+    def _predict(self, model: Any, x: np.ndarray) -> np.ndarray:
+        axes = "YXC" if x.ndim == 3 else "ZYXC"
+        n_tiles = None if self.n_tiles is None else (*self.n_tiles, 1)
+        labels, _ = model.predict_instances(
+            x, axes=axes, prob_thresh=self.prob_thresh, nms_thresh=self.nms_thresh,
+            n_tiles=n_tiles, **{"show_tile_progress": False, "verbose": False,
+                                **self.predict_kwargs})
+        return np.asarray(labels).astype(np.int32, copy=False)
+
+    # -- the model ----------------------------------------------------------------------------
+    def load_model(self) -> Any:
+        """The StarDist model, loaded once per process."""
+        return MODEL_CACHE.get(self._cache_key(), self._load)
+
+    def _cache_key(self) -> tuple:
+        folder = self.spec.get("folder")
+        if folder is None:
+            return ("pretrained", self.spec["class"], self.model)
+        # A retrained model saved in the same folder is a new model.
+        stamps = tuple(sorted((p.name, p.stat().st_mtime_ns) for p in Path(folder).glob("*.h5")))
+        return ("folder", self.spec["class"], folder, stamps)
+
+    def _load(self) -> Any:
+        _tensorflow_memory_growth()
+        models = importlib.import_module("stardist.models")
+        cls = getattr(models, self.spec["class"])
+        out = io.StringIO()
+        # StarDist prints what it loads; keep worker output clean and log it instead.
+        with contextlib.redirect_stdout(out):
+            if self.spec.get("folder") is None:
+                model = cls.from_pretrained(self.model)
+            else:
+                folder = Path(self.spec["folder"])
+                model = cls(None, name=folder.name, basedir=str(folder.parent))
+        if model is None:  # from_pretrained prints and returns None for an unknown name
+            raise InputError(f"StarDist has no pretrained model {self.model!r}: {out.getvalue()}")
+        log.debug("loaded StarDist model %s: %s", self.model, out.getvalue().strip())
+        return model
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_warned_per_tile": False}
+
+
+# -- resolving the model ---------------------------------------------------------------------
+def _resolve_model(model: Any, basedir: Any) -> tuple[str, str | None, dict[str, Any]]:
+    """(model, basedir, spec) with spec: class, n_dim, n_channel_in, grid, anisotropy, folder."""
+    if not isinstance(model, (str, os.PathLike)) or not str(model):
+        raise InputError(f"model={model!r} must be a StarDist model name or folder")
+    if basedir is not None:
+        folder = Path(basedir).expanduser() / str(model)
+        if not (folder / "config.json").is_file():
+            raise InputError(f"no StarDist model folder {folder} (expected {folder}/config.json)")
+        return str(model), str(Path(basedir).expanduser().resolve()), _folder_spec(folder)
+    path = Path(model).expanduser()
+    if (path / "config.json").is_file():
+        return str(path.resolve()), None, _folder_spec(path)
+    if isinstance(model, os.PathLike) or os.sep in str(model) or "/" in str(model):
+        raise InputError(f"no StarDist model folder {path} (expected {path}/config.json)")
+    spec = _pretrained_spec(str(model))
+    return spec.pop("key"), None, spec
+
+
+def _folder_spec(folder: Path) -> dict[str, Any]:
+    """What blockbuster needs from a model folder's config.json, read without TensorFlow."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read StarDist config {folder / 'config.json'}: {exc}") from exc
+    n_dim = int(config.get("n_dim") or len(str(config.get("axes", "YXC")).replace("C", "")))
+    if n_dim not in (2, 3):
+        raise InputError(f"StarDist model {folder} has n_dim={n_dim}; expected 2 or 3")
+    return {"class": f"StarDist{n_dim}D", "n_dim": n_dim, "folder": str(folder.resolve()),
+            "n_channel_in": int(config.get("n_channel_in", 1)),
+            "grid": tuple(config.get("grid") or (1,) * n_dim),
+            "anisotropy": tuple(config["anisotropy"]) if config.get("anisotropy") else None}
+
+
+def _pretrained_spec(name: str) -> dict[str, Any]:
+    """Find a pretrained name in StarDist's registry (imports StarDist: only when used)."""
+    registry = _pretrained_registry()
+    for cls_name, names in registry.items():
+        if name in names:
+            n_dim = 3 if cls_name.endswith("3D") else 2
+            # Pretrained configs are not available before download; the known ones take one
+            # channel, except the H&E model (RGB).
+            channels = 3 if names[name] == "2D_versatile_he" else 1
+            return {"class": cls_name, "n_dim": n_dim, "folder": None, "key": names[name],
+                    "n_channel_in": channels, "grid": None, "anisotropy": None}
+    known = sorted(n for names in registry.values() for n in names)
+    raise InputError(f"{name!r} is neither a pretrained StarDist model ({', '.join(known)}) nor "
+                     "a model folder; for your own model pass its folder, or its name and "
+                     "basedir=")
+
+
+@functools.lru_cache(maxsize=1)
+def _pretrained_registry() -> dict[str, dict[str, str]]:
+    """``{"StarDist2D": {name or alias: key}, "StarDist3D": {...}}``."""
+    models = importlib.import_module("stardist.models")
+    from csbdeep.models.pretrained import get_registered_models
+
+    registry: dict[str, dict[str, str]] = {}
+    for cls_name in ("StarDist2D", "StarDist3D"):
+        keys, aliases = get_registered_models(getattr(models, cls_name), return_aliases=True)
+        names = {k: k for k in keys}
+        names.update({alias: k for k in keys for alias in aliases.get(k, ())})
+        registry[cls_name] = names
+    return registry
+
+
+def _tensorflow_memory_growth() -> None:
+    """Let TensorFlow take GPU memory as needed instead of all of it (tiles are sized for it)."""
+    import tensorflow as tf
+
+    for gpu in tf.config.list_physical_devices("GPU"):
+        with contextlib.suppress(RuntimeError):  # already initialised: leave it
+            tf.config.experimental.set_memory_growth(gpu, True)
+
+
+# -- argument checks --------------------------------------------------------------------------
+def _threshold(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+        raise InputError(f"{name}={value!r} must be a number in [0, 1] or None")
+    if not 0.0 <= float(value) <= 1.0:
+        raise InputError(f"{name}={value!r} must be in [0, 1]")
+    return float(value)
+
+
+def _check_n_tiles(n_tiles: Any, n_dim: int) -> tuple[int, ...] | None:
+    if n_tiles is None:
+        return None
+    try:
+        values = tuple(int(n) for n in n_tiles)
+    except (TypeError, ValueError):
+        raise InputError(f"n_tiles={n_tiles!r} must be {n_dim} ints") from None
+    if len(values) != n_dim or min(values) < 1:
+        raise InputError(f"n_tiles={n_tiles!r} must be {n_dim} ints >= 1 (one per spatial axis "
+                         "of the model)")
+    return values
+
+
+def _check_channel(channel: Any, n_channel_in: int) -> int | None:
+    if channel is None:
+        return None
+    if isinstance(channel, bool) or not isinstance(channel, (int, np.integer)) or channel < 0:
+        raise InputError(f"channel={channel!r} must be a non-negative int")
+    if n_channel_in != 1:
+        raise InputError(f"channel= selects the channel for a single-channel model; this model "
+                         f"takes {n_channel_in} channels")
+    return int(channel)
+
+
+def _check_predict_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    reserved = sorted(_RESERVED & kwargs.keys())
+    if reserved:
+        raise InputError(f"{', '.join(reserved)} cannot be passed through to predict_instances: "
+                         "the plugin sets them (use its own arguments)")
+    base = importlib.import_module("stardist.models.base")
+    allowed = set(inspect.signature(base.StarDistBase._predict_instances_generator).parameters)
+    allowed -= {"self"} | _RESERVED
+    unknown = sorted(set(kwargs) - allowed)
+    if unknown:
+        raise InputError(f"unknown StarDist argument(s): {', '.join(unknown)}; predict_instances "
+                         f"takes {', '.join(sorted(allowed))}")
+    return dict(kwargs)
