@@ -9,6 +9,22 @@ from scipy import ndimage
 from helpers import same_partition
 
 
+def _load_torch_before_tensorflow() -> None:
+    """torch's triton segfaults when it loads after TensorFlow (clashing LLVM symbols), so with
+    both extras installed the StarDist tests would crash any later Cellpose test. Load it first."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") and importlib.util.find_spec("tensorflow"):
+        import torch  # noqa: F401
+
+        if importlib.util.find_spec("triton"):
+            import triton  # noqa: F401
+            import triton.runtime  # noqa: F401
+
+
+_load_torch_before_tensorflow()
+
+
 class CountingLabel:
     """Connected components of ``tile > 0``; remembers the shape of every tile it saw."""
 

@@ -10,13 +10,19 @@ import textwrap
 import pytest
 
 RUN = """
-import json, logging, resource
+import json, logging
 from functools import partial
 import numpy as np, psutil, zarr
 from scipy import ndimage
 import blockbuster
 import blockbuster.runner  # the package imports lazily: load the engine before measuring
 from blockbuster.sizing import auto_tile_shape
+
+def peak_rss():
+    # VmHWM belongs to this address space; ru_maxrss survives execve, so a child forked from a
+    # large process (pytest after loading torch) would report the parent's size.
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 budget = {budget}
 path = {path!r}
@@ -38,7 +44,7 @@ records = []
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 out = blockbuster.tile_process(path, segment, tile_shape, 8, stitch="faces", memory=budget,
                                output=path + ".labels", progress=False)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = peak_rss()
 print(json.dumps({{"growth": peak - before, "chunks": list(out.chunks)}}))
 """
 
