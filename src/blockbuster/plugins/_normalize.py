@@ -9,8 +9,9 @@ Here the percentiles are computed once from a streamed subsample of the whole im
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
     from ..io import ImageSource
 
 __all__ = ["NormalizeMode", "Percentiles", "check_mode", "check_percentiles", "normalize_tile",
-           "tile_has_contrast"]
+           "tile_has_contrast", "image_or_tile_percentiles"]
 
 NormalizeMode = Literal["global", "tile", "none"]
 _MODES = ("global", "tile", "none")
@@ -105,6 +106,22 @@ class Percentiles:
                   percentiles: tuple[float, float]) -> Percentiles:
         """Percentiles of one tile (the per-tile mode)."""
         return cls.from_values(_as_voxels_by_channel(tile, channel_axis), percentiles)
+
+
+def image_or_tile_percentiles(segmenter: Any, tile: np.ndarray) -> Percentiles:
+    """The image-wide percentiles that ``prepare()`` computed, else the tile's own.
+
+    ``segmenter`` has ``norm``, ``percentiles``, ``channel_axis`` and ``_warned_per_tile``.
+    Falling back per tile can leave seams, so it warns (once per segmenter).
+    """
+    if segmenter.norm is not None:
+        return segmenter.norm
+    if not segmenter._warned_per_tile:
+        segmenter._warned_per_tile = True
+        warnings.warn(f"{type(segmenter).__name__}.prepare() was not called, so normalisation "
+                      "percentiles are computed per tile, which can leave seams; "
+                      "tile_process calls prepare() itself", RuntimeWarning, stacklevel=5)
+    return Percentiles.from_tile(tile, segmenter.channel_axis, segmenter.percentiles)
 
 
 def _as_voxels_by_channel(tile: np.ndarray, channel_axis: int | None) -> np.ndarray:

@@ -28,7 +28,6 @@ import inspect
 import math
 import os
 import threading
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,6 +41,7 @@ from ._normalize import (
     Percentiles,
     check_mode,
     check_percentiles,
+    image_or_tile_percentiles,
     normalize_tile,
     tile_has_contrast,
 )
@@ -254,14 +254,7 @@ class CellposeSegmenter(Segmenter):
         return 1.0 - x if self.invert else x
 
     def _norm_for(self, tile: np.ndarray) -> Percentiles:
-        if self.norm is not None:
-            return self.norm
-        if not self._warned_per_tile:
-            self._warned_per_tile = True
-            warnings.warn("CellposeSegmenter.prepare() was not called, so normalisation "
-                          "percentiles are computed per tile, which can leave seams; "
-                          "tile_process calls prepare() itself", RuntimeWarning, stacklevel=4)
-        return Percentiles.from_tile(tile, self.channel_axis, self.percentiles)
+        return image_or_tile_percentiles(self, tile)
 
     def _eval_args(self, n_channels: int) -> dict[str, Any]:
         if self.normalize == "tile":

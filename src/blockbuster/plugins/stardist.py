@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import os
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,6 +40,7 @@ from ._normalize import (
     Percentiles,
     check_mode,
     check_percentiles,
+    image_or_tile_percentiles,
     normalize_tile,
     tile_has_contrast,
 )
@@ -260,14 +260,7 @@ class StardistSegmenter(Segmenter):
         return normalize_tile(tile, self._norm_for(tile), self.channel_axis)
 
     def _norm_for(self, tile: np.ndarray) -> Percentiles:
-        if self.norm is not None:
-            return self.norm
-        if not self._warned_per_tile:
-            self._warned_per_tile = True
-            warnings.warn("StardistSegmenter.prepare() was not called, so normalisation "
-                          "percentiles are computed per tile, which can leave seams; "
-                          "tile_process calls prepare() itself", RuntimeWarning, stacklevel=4)
-        return Percentiles.from_tile(tile, self.channel_axis, self.percentiles)
+        return image_or_tile_percentiles(self, tile)
 
     def _predict(self, model: Any, x: np.ndarray) -> np.ndarray:
         axes = "YXC" if x.ndim == 3 else "ZYXC"
