@@ -99,17 +99,31 @@ class TileOutcome:
 
 def segment_tile(ctx: RunContext, tile_id: int) -> TileOutcome:
     """Pass 1 for one tile: read, segment, check, number, save core and record."""
-    tile = ctx.grid.tile(tile_id)
-    if ctx.mask is not None and not _has_foreground(ctx.mask, tile, ctx.grid.shape):
-        return _skip(ctx, tile_id)
-    data = ctx.source.read(tile.padded)
-    if ctx.skip_empty and data.size and data.min() == data.max():
+    tile, data = read_tile(ctx, tile_id)
+    if data is None:
         return _skip(ctx, tile_id)
     result, error = _call_with_retries(ctx, tile, data)
+    del data
+    return store_tile(ctx, tile, result, error)
+
+
+def read_tile(ctx: RunContext, tile_id: int) -> tuple[Tile, np.ndarray | None]:
+    """The tile and its padded input; None for a tile to skip (no tissue, or constant)."""
+    tile = ctx.grid.tile(tile_id)
+    if ctx.mask is not None and not _has_foreground(ctx.mask, tile, ctx.grid.shape):
+        return tile, None
+    data = ctx.source.read(tile.padded)
+    if ctx.skip_empty and data.size and data.min() == data.max():
+        return tile, None
+    return tile, data
+
+
+def store_tile(ctx: RunContext, tile: Tile, result: Any, error: TileError | None) -> TileOutcome:
+    """Check fn's result, number it 1..n, save the core and the record (last)."""
+    tile_id = tile.id
     if error is not None:
         ctx.work.save_failure(tile_id, error.traceback_text or str(error))
         return TileOutcome(tile_id, error=error)
-    del data
     labels = _check_result(ctx, tile, result)
     if ctx.mode == "iou":  # halo labels are kept for matching: number the padded tile
         local, n, _ = stitching.sequential_local_labels(labels)
@@ -639,6 +653,44 @@ def _log_plan(source: ImageSource, info: SegmenterInfo, grid: TileGrid, mode: st
              format_bytes(peak))
 
 
+def _segment_pipelined(ctx: RunContext, todo: list[int], bar: Any,
+                       watch: Callable[[TileOutcome], None]) -> None:
+    """The serial path, pipelined: fn runs one tile at a time, in grid order, on this thread,
+    while a reader thread fetches the next tile and a writer thread stores the previous one.
+
+    Reading (decompression, file I/O) and storing (numbering, compression) mostly release the
+    GIL, and so does a GPU or a well-behaved fn, so the engine's own work hides behind fn's.
+    At most one tile is read ahead and one is being stored: memory stays near one tile.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    def finish(outcome: TileOutcome) -> None:
+        watch(outcome)
+        bar.update()
+
+    with ThreadPoolExecutor(1, thread_name_prefix="blockbuster-read") as reader, \
+            ThreadPoolExecutor(1, thread_name_prefix="blockbuster-store") as writer:
+        ahead = reader.submit(read_tile, ctx, todo[0])
+        storing = None
+        for i, tile_id in enumerate(todo):
+            tile, data = ahead.result()
+            ahead = reader.submit(read_tile, ctx, todo[i + 1]) if i + 1 < len(todo) else None
+            skip = data is None
+            result, error = (None, None) if skip else _call_with_retries(ctx, tile, data)
+            del data
+            if storing is not None:
+                finish(storing.result())  # in order; re-raises what the writer raised
+                storing = None
+            if error is not None:  # cheap to record, and fail-fast must see it before next fn
+                finish(store_tile(ctx, tile, None, error))
+                continue
+            storing = (writer.submit(_skip, ctx, tile_id) if skip
+                       else writer.submit(store_tile, ctx, tile, result, None))
+            del result
+        if storing is not None:
+            finish(storing.result())
+
+
 def _segment_all(ctx: RunContext, work: WorkDir, client: Any, progress: bool | None) -> None:
     done = work.done_tiles()
     todo = [t for t in range(ctx.grid.n_tiles) if t not in done]
@@ -659,8 +711,11 @@ def _segment_all(ctx: RunContext, work: WorkDir, client: Any, progress: bool | N
             raise _failures(failures, stopped_early=True)
 
     with bar:
-        run_tasks(segment_tile, todo, ctx, client=client, progress=bar, name="segment",
-                  on_result=watch)
+        if client is None and todo:
+            _segment_pipelined(ctx, todo, bar, watch)
+        else:
+            run_tasks(segment_tile, todo, ctx, client=client, progress=bar, name="segment",
+                      on_result=watch)
     if failures:
         raise _failures(failures, stopped_early=False)
 
