@@ -397,7 +397,10 @@ class PhaseRecorder:
     keeps the maximum over the whole process.
     """
 
-    STAGES = {"segment": "_segment_all", "stitch": "_stitch", "write": "_write_output"}
+    # "finish" is the serial engine's end (rewriting tiles joined later); "stitch" and "write"
+    # are the distributed engine's two passes after segmentation.
+    STAGES = {"segment": "_segment_all", "finish": "_finish_serial", "stitch": "_stitch",
+              "write": "_write_output"}
 
     def __init__(self) -> None:
         from blockbuster import runner

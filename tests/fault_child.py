@@ -61,7 +61,7 @@ def main() -> None:
         original_put = local._put
 
         def put(path, value, exclusive=False):
-            if "raw.zarr" in str(path) and "/c/" in str(path):
+            if "/c/" in str(path) and "final.zarr" not in str(path):  # a label chunk (output or raw)
                 tick_partial(path, value)
             return original_put(path, value, exclusive=exclusive)
 
@@ -86,12 +86,12 @@ def main() -> None:
 
         store.os.replace = replace
     elif point in ("stitch", "relabel"):
-        name = {"stitch": "match_tile", "relabel": "relabel_tile"}[point]
+        name = {"stitch": "assign_tile", "relabel": "fix_tile"}[point]
         original = getattr(runner, name)
 
-        def wrapped(ctx, item):
+        def wrapped(*args):
             tick()
-            return original(ctx, item)
+            return original(*args)
 
         setattr(runner, name, wrapped)
     elif point == "finalize":

@@ -11,3 +11,15 @@ def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
         return False
     pairs = np.unique(np.stack([a.ravel(), b.ravel()]), axis=1)
     return pairs.shape[1] == len(np.unique(a)) == len(np.unique(b))
+
+
+def comb_mask(shape=(120, 120)) -> np.ndarray:
+    """U shapes and hooks: arms labelled apart in one tile row, joined rows later."""
+    mask = np.zeros(shape, bool)
+    for top in range(0, shape[0] - 55, 60):
+        mask[top + 2:top + 52, 5:9] = mask[top + 2:top + 52, 95:99] = True
+        mask[top + 48:top + 52, 5:99] = True
+        mask[top + 2:top + 40, 40:44] = mask[top + 36:top + 40, 40:70] = True
+        mask[top + 2:top + 40, 66:70] = True
+        mask[top + 10:top + 20, 20:30] = True  # a plain blob in between
+    return mask

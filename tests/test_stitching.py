@@ -11,10 +11,10 @@ from hypothesis import strategies as st
 from scipy import ndimage
 
 from blockbuster import tile_process
-from blockbuster.errors import InputError
-from blockbuster.stitching import solve_labels
+from blockbuster.errors import BlockbusterError, InputError
+from blockbuster.stitching import LabelBook, apply_changes, solve_labels
 
-from helpers import same_partition
+from helpers import comb_mask, same_partition
 
 
 @st.composite
@@ -182,3 +182,58 @@ def test_stitch_none_keeps_every_tile_object_unique():
     out = tile_process(image, lambda t: t.astype(np.int32), (10, 10), stitch="none",
                        progress=False)[:]
     assert sorted(np.unique(out)) == [1, 2, 3, 4]
+
+
+# -- the serial engine's online labelling ----------------------------------------------------------
+def test_labels_joined_after_they_were_written_are_rewritten_consecutively(caplog):
+    mask = comb_mask()
+    expected = ndimage.label(mask)[0]
+    with caplog.at_level("INFO", logger="blockbuster"):
+        out = tile_process(mask, lambda t: ndimage.label(t)[0], (30, 30), stitch="faces",
+                           progress=False)
+    labels = out[:]
+    assert same_partition(labels, expected)
+    assert np.array_equal(np.unique(labels), np.arange(expected.max() + 1))  # 1..N, no gap
+    assert out.attrs["blockbuster"]["n_labels"] == expected.max()
+    rewritten = [r.getMessage() for r in caplog.records if "joined or moved" in r.getMessage()]
+    assert rewritten and not rewritten[0].split("; ")[1].startswith("0 ")  # the case under test
+
+
+def _random_tiles(seed: int, n_tiles: int = 12):
+    """A book's inputs for tiles in order: which local labels continue which earlier labels."""
+    rng = np.random.default_rng(seed)
+    book, inputs = LabelBook(), []
+    for _ in range(n_tiles):
+        n = int(rng.integers(0, 6))
+        has_core = np.concatenate([[False], rng.random(n) < 0.8])
+        known = book.next_label - 1
+        k = int(rng.integers(0, 4)) if known and has_core.any() else 0
+        local = rng.choice(np.flatnonzero(has_core), k) if k else np.empty(0, np.int64)
+        matched = rng.integers(1, known + 1, k) if k else np.empty(0, np.int64)
+        glabels, merges = book.assign(has_core, local, matched)
+        inputs.append((glabels, merges))
+    return book, inputs
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.randoms(use_true_random=False))
+def test_label_book_rebuilt_from_records_in_any_order_is_the_same(seed, shuffle):
+    book, records = _random_tiles(seed)
+    shuffle.shuffle(records)
+    replayed = LabelBook()
+    for glabels, merges in records:
+        replayed.replay(glabels, merges)
+    assert replayed.n_labels == book.n_labels
+    for a, b in zip(replayed.final_changes(), book.final_changes()):
+        assert np.array_equal(a, b)
+    # the final labels of every tile are exactly 1..N
+    old, new = book.final_changes()
+    final = np.concatenate([apply_changes(g, old, new) for g, _ in records])
+    assert set(final[final > 0].tolist()) == set(range(1, book.n_labels + 1))
+
+
+def test_label_book_refuses_to_overflow_its_dtype():
+    book = LabelBook(max_label=3)
+    book.assign(np.array([False, True, True]), np.empty(0, int), np.empty(0, int))
+    with pytest.raises(BlockbusterError, match="more than 3 objects"):
+        book.assign(np.array([False, True, True]), np.empty(0, int), np.empty(0, int))

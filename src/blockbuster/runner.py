@@ -1,11 +1,16 @@
 """``tile_process``: open the image -> plan tiles -> run fn per tile -> stitch -> write.
 
-Pass 1 streams the tiles through ``fn`` (one task per tile). Each task reads its padded region,
-calls ``fn``, checks the result, numbers the tile's objects 1..n, writes the core to
-``raw.zarr`` in the work directory and saves a small record (label counts and the boundary data
-stitching needs). Stitching matches neighbouring tiles from those records alone, solves the
-global labelling, and a last streaming pass maps every tile's core to its final labels in the
-output, whose chunks are exactly the tile cores.
+Every tile reads its padded region, calls ``fn``, checks the result, numbers the tile's objects
+1..n and saves a small record (label counts and the boundary data stitching needs). The output's
+chunks are exactly the tile cores. Two engines share that:
+
+* Serial (no dask client): one pass. As each tile is stored, it is matched with its finished
+  neighbours (from their records) and its objects get their global labels at once
+  (:class:`~blockbuster.stitching.LabelBook`), so its core goes straight to the output. At the
+  end only the few tiles holding labels that a later tile joined are rewritten.
+* Distributed (``client=``): tiles run in any order on the cluster, so each writes its local
+  labels to ``raw.zarr`` in the work directory; stitching then matches all neighbour pairs,
+  solves the label graph, and a last pass maps every tile's core to its final labels.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from .errors import (
     BlockbusterError,
     InputError,
     OutputExistsError,
+    ResumeMismatchError,
     TileError,
     TileFailures,
 )
@@ -73,6 +79,11 @@ class RunContext:
     retries: int
     mask: ImageSource | None = None
     skip_empty: bool = False
+    connectivity: int = 1
+    iou_threshold: float = 0.5
+    #: serial engine only: the global labels so far, and the output the tiles go to
+    book: stitching.LabelBook | None = None
+    output: zarr.Array | None = None
     _raw: Any = field(default=None, repr=False)
 
     @property
@@ -126,9 +137,9 @@ def store_tile(ctx: RunContext, tile: Tile, result: Any, error: TileError | None
         return TileOutcome(tile_id, error=error)
     labels = _check_result(ctx, tile, result)
     if ctx.mode == "iou":  # halo labels are kept for matching: number the padded tile
-        local, n, _ = stitching.sequential_local_labels(labels)
+        local, n, padded_counts = stitching.sequential_local_labels(labels)
         core = local[tile.inner]
-        counts = stitching.count_per_label(core, n)
+        counts = stitching.core_counts(local, tile.inner, padded_counts)
         boundary = stitching.boundary_arrays(ctx.grid, tile, local, ctx.mode)
     else:
         core, n, counts = stitching.sequential_local_labels(labels[tile.inner])
@@ -137,7 +148,12 @@ def store_tile(ctx: RunContext, tile: Tile, result: Any, error: TileError | None
     arrays = {"counts": counts, **boundary}
     if ctx.table:
         arrays.update(_object_stats(core, n, tile))
-    ctx.raw[tile.core] = core.astype(ctx.raw.dtype, copy=False)
+    if ctx.book is None:
+        ctx.raw[tile.core] = core.astype(ctx.raw.dtype, copy=False)
+    else:
+        glabels, merges = assign_tile(ctx, tile, TileRecord({"n": n}, arrays))
+        arrays.update(glabels=glabels, merges=merges)
+        ctx.output[tile.core] = glabels.astype(ctx.output.dtype)[core]
     # The record is written last: its presence is what marks the tile as done.
     ctx.work.save_record(tile_id, TileRecord({"tile": tile_id, "n": n}, arrays))
     return TileOutcome(tile_id, n)
@@ -145,8 +161,10 @@ def store_tile(ctx: RunContext, tile: Tile, result: Any, error: TileError | None
 
 def _skip(ctx: RunContext, tile_id: int) -> TileOutcome:
     """A tile with nothing to segment: background, recorded as done without calling fn."""
-    ctx.work.save_record(tile_id, TileRecord({"tile": tile_id, "n": 0, "skipped": True},
-                                             {"counts": np.zeros(1, np.int64)}))
+    arrays = {"counts": np.zeros(1, np.int64)}
+    if ctx.book is not None:
+        arrays.update(glabels=np.zeros(1, np.int64), merges=np.zeros((0, 2), np.int64))
+    ctx.work.save_record(tile_id, TileRecord({"tile": tile_id, "n": 0, "skipped": True}, arrays))
     return TileOutcome(tile_id, 0, skipped=True)
 
 
@@ -235,34 +253,69 @@ class StitchContext:
     iou_threshold: float
 
 
+def _neighbours(ctx: StitchContext | RunContext, tile: Tile, backward: bool = False,
+                ) -> list[tuple[Tile, tuple[int, ...]]]:
+    """The neighbours a tile is matched with, and their offsets (see ``forward_offsets``)."""
+    grid = ctx.grid
+    sign = -1 if backward else 1
+    found = []
+    for off in grid.forward_offsets(ctx.connectivity if ctx.mode == "faces" else None):
+        j = grid.neighbour(tile.index, tuple(sign * o for o in off))
+        if j is None:
+            continue
+        other = grid.tile(j)
+        if ctx.mode != "iou" or grid.overlap_region(tile, other) is not None:
+            found.append((other, off))
+    return found
+
+
+def _matched(ctx: StitchContext | RunContext, a: Tile, b: Tile, off: tuple[int, ...],
+             a_rec: TileRecord, b_rec: TileRecord) -> tuple[np.ndarray, np.ndarray]:
+    """Local label pairs of ``a`` and ``b`` (``b`` at forward offset ``off``) that are one."""
+    la, lb = stitching.match_pair(ctx.grid, a, b, off, a_rec, b_rec, ctx.mode,
+                                  connectivity=ctx.connectivity, iou_threshold=ctx.iou_threshold)
+    # Only objects that reach their tile's core appear in the output. A halo-only object is a
+    # fragment cut by the padded edge, where the fn saw too little context: linking through it
+    # could chain two distinct objects together, and it adds nothing.
+    in_core = (a_rec.get("counts")[la] > 0) & (b_rec.get("counts")[lb] > 0)
+    return la[in_core], lb[in_core]
+
+
 def match_tile(ctx: StitchContext, tile_id: int) -> tuple[int, list[tuple[int, np.ndarray, np.ndarray]]]:
     """Match one tile with each of its forward neighbours; returns local label pairs."""
     work = WorkDir(ctx.work_path)
-    grid = ctx.grid
-    a = grid.tile(tile_id)
-    max_nonzero = ctx.connectivity if ctx.mode == "faces" else None
+    a = ctx.grid.tile(tile_id)
     a_rec = None
     found = []
-    for off in grid.forward_offsets(max_nonzero):
-        j = grid.neighbour(a.index, off)
-        if j is None:
-            continue
-        b = grid.tile(j)
-        if ctx.mode == "iou" and grid.overlap_region(a, b) is None:
-            continue
+    for b, off in _neighbours(ctx, a):
         a_rec = a_rec or work.load_record(tile_id)
-        b_rec = work.load_record(b.id)
-        la, lb = stitching.match_pair(grid, a, b, off, a_rec, b_rec, ctx.mode,
-                                      connectivity=ctx.connectivity,
-                                      iou_threshold=ctx.iou_threshold)
-        # Only objects that reach their tile's core appear in the output. A halo-only object
-        # is a fragment cut by the padded edge, where the fn saw too little context: linking
-        # through it could chain two distinct objects together, and it adds nothing.
-        in_core = (a_rec.get("counts")[la] > 0) & (b_rec.get("counts")[lb] > 0)
-        la, lb = la[in_core], lb[in_core]
+        la, lb = _matched(ctx, a, b, off, a_rec, work.load_record(b.id))
         if la.size:
             found.append((b.id, la, lb))
     return tile_id, found
+
+
+def assign_tile(ctx: RunContext, tile: Tile, rec: TileRecord) -> tuple[np.ndarray, np.ndarray]:
+    """Serial engine: match a tile with its finished neighbours, give its objects global labels.
+
+    Returns the global label of each local label and the merges of earlier labels it caused.
+    """
+    work = ctx.work
+    local, matched = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
+    if ctx.mode != "none" and rec.meta["n"]:
+        for backward in (True, False):  # forward neighbours are finished only on a resume
+            for other, off in _neighbours(ctx, tile, backward):
+                if not work.record_path(other.id).exists():
+                    continue
+                o_rec = work.load_record(other.id)
+                if backward:
+                    lo, la = _matched(ctx, other, tile, off, o_rec, rec)
+                else:
+                    la, lo = _matched(ctx, tile, other, off, rec, o_rec)
+                local.append(la)
+                matched.append(o_rec.get("glabels")[lo])
+    return ctx.book.assign(rec.get("counts") > 0, np.concatenate(local),
+                           np.concatenate(matched))
 
 
 @dataclass
@@ -292,6 +345,33 @@ def relabel_tile(ctx: RelabelContext, tile_id: int) -> int:
     start = int(ctx.offsets[tile_id])
     lut = final[start: start + int(ctx.n_local[tile_id]) + 1]
     ctx.output[tile.core] = stitching.relabel(raw[tile.core], lut)
+    return tile_id
+
+
+@dataclass
+class FixContext:
+    grid: TileGrid
+    work_path: Path
+    output: zarr.Array
+
+
+def fix_tile(ctx: FixContext, item: tuple[int, np.ndarray, np.ndarray]) -> int:
+    """Serial engine, at the end: rewrite a tile whose labels were joined or moved later.
+
+    The tile's labels are saved first, and a retry starts from that copy, so a crash at any
+    moment followed by a resume gives the same result (the change is not idempotent by itself:
+    a label moved into a gap has the value an absorbed label had).
+    """
+    tile_id, old, new = item
+    tile = ctx.grid.tile(tile_id)
+    work = WorkDir(ctx.work_path)
+    backup = work.before_fix_path(tile_id)
+    if backup.exists():
+        labels = TileRecord.load(backup).get("labels")
+    else:
+        labels = ctx.output[tile.core]
+        TileRecord({"tile": tile_id}, {"labels": labels}).save(backup)
+    ctx.output[tile.core] = stitching.apply_changes(labels, old, new)
     return tile_id
 
 
@@ -491,6 +571,7 @@ def tile_process(
         from dask.utils import parse_bytes
 
         memory = parse_bytes(memory)
+    client = active_client(client)
     target = resolve_output(output, source, work_dir, ome, label_name)
     chunks = _previous_tiles(target, tile_shape) if resume else None
     if chunks is None:
@@ -500,16 +581,18 @@ def tile_process(
     stitching.check_mode(mode, grid.depth, connectivity, grid.ndim)
     manifest = _manifest(source, info, grid, mode, connectivity, iou_threshold, table,
                          mask_source, skip_empty)
+    manifest["engine"] = "serial" if client is None else "distributed"
     work = WorkDir(target.work_path)
     done = _prepare_work(target, work, manifest, overwrite=overwrite, resume=resume)
     if done is not None:
         return done
     try:
         ctx = RunContext(source, fn, fn_name(fn), grid, mode, work.path, bool(table), retries,
-                         mask=mask_source, skip_empty=skip_empty)
-        return _run(ctx, info, target, work, manifest, connectivity=connectivity,
-                    iou_threshold=iou_threshold, client=client, progress=progress, table=table,
-                    keep_work=keep_work)
+                         mask=mask_source, skip_empty=skip_empty, connectivity=connectivity,
+                         iou_threshold=iou_threshold)
+        engine = _engine_of(work, client)
+        return _run(ctx, info, target, work, manifest, engine=engine, client=client,
+                    progress=progress, table=table, keep_work=keep_work)
     finally:
         work.release_lock()
 
@@ -532,6 +615,18 @@ def _previous_tiles(target: OutputTarget, tile_shape: Any) -> tuple[tuple[int, .
         return None
     log.info("resuming with the run's tile shape (tile_shape=%r is not sized again)", tile_shape)
     return tuple(tuple(c) for c in params["tile_chunks"])
+
+
+def _engine_of(work: WorkDir, client: Any) -> str:
+    """The engine a run started with; a resumed run keeps it (its tiles are stored its way)."""
+    engine = work.read_manifest().get("engine", "distributed")  # older runs: two-pass only
+    if engine == "serial" and client is not None:
+        raise ResumeMismatchError(
+            f"the run in {work.path} started without a dask client: its finished tiles are "
+            "already in the output with their final labels, which only the serial engine can "
+            "continue. Resume it without client=, or pass overwrite=True to start again on the "
+            "cluster")
+    return engine
 
 
 def _open_mask(mask: Any, source: ImageSource) -> ImageSource | None:
@@ -616,20 +711,27 @@ def _clear_work(work: WorkDir) -> None:
 
 
 def _run(ctx: RunContext, info: SegmenterInfo, target: OutputTarget, work: WorkDir,
-         manifest: dict[str, Any], *, connectivity: int, iou_threshold: float, client: Any,
-         progress: bool | None, table: Any, keep_work: bool) -> zarr.Array:
-    client = active_client(client)
+         manifest: dict[str, Any], *, engine: str, client: Any, progress: bool | None,
+         table: Any, keep_work: bool) -> zarr.Array:
     grid, mode = ctx.grid, ctx.mode
     _log_plan(ctx.source, info, grid, mode)
     if isinstance(ctx.fn, Segmenter):
         ctx.fn.prepare(ctx.source)
-    padded_voxels = math.prod(t + 2 * d for t, d in zip(grid.tile_shape, grid.depth))
-    if not work.raw_path.exists():  # local ids fit uint32 unless a tile has 2**32 voxels
+    if engine == "serial":
+        ctx.output = _open_serial_output(target, work, grid, manifest)
+        ctx.book = _replay_book(work, grid)
+    elif not work.raw_path.exists():  # local ids fit uint32 unless a tile has 2**32 voxels
+        padded_voxels = math.prod(t + 2 * d for t, d in zip(grid.tile_shape, grid.depth))
         work.create_raw(grid.shape, grid.tile_shape,
                         np.uint32 if padded_voxels < 2**32 else np.uint64)
     _segment_all(ctx, work, client, progress)
-    stitched = _stitch(grid, mode, work, connectivity, iou_threshold, client, progress)
-    out = _write_output(target, grid, work, stitched, manifest, client, progress)
+    if engine == "serial":
+        stitched = _finish_serial(ctx, target, work, progress, keep_map=bool(table))
+        out = ctx.output
+    else:
+        stitched = _stitch(grid, mode, work, ctx.connectivity, ctx.iou_threshold, client,
+                           progress)
+        out = _write_output(target, grid, work, stitched, manifest, client, progress)
     if table:
         from .table import write_object_table
 
@@ -732,6 +834,64 @@ def _failures(failures: list[TileError], stopped_early: bool) -> TileFailures:
     err = TileFailures(f"{head}:\n{listed}{more}{tail}", failures)
     err.__cause__ = failures[0].__cause__
     return err
+
+
+def _open_serial_output(target: OutputTarget, work: WorkDir, grid: TileGrid,
+                        manifest: dict[str, Any]) -> zarr.Array:
+    """The output the serial engine writes into: this run's own, or a new one."""
+    if target.exists():
+        meta = completion(target.open()) or {}
+        if meta.get("params") == manifest["params"] and not meta.get("complete"):
+            return target.open("r+")
+    if work.done_tiles():  # their labels were in an output that is gone: do them again
+        log.warning("the output of the unfinished run in %s is missing; its tiles run again",
+                    work.path)
+        work.clear_tiles()
+    attrs = {"blockbuster": {"complete": False, "params": manifest["params"]}}
+    # uint32 from the start: labels are written as tiles arrive (LabelBook refuses to overflow)
+    return target.create(grid.shape, grid.tile_shape, np.dtype(np.uint32), attrs)
+
+
+def _replay_book(work: WorkDir, grid: TileGrid) -> stitching.LabelBook:
+    """The labels handed out so far, rebuilt from the records of finished tiles (on resume)."""
+    book = stitching.LabelBook()
+    for t in sorted(work.done_tiles()):
+        rec = work.load_record(t)
+        book.replay(rec.get("glabels"), rec.get("merges"))
+    return book
+
+
+def _finish_serial(ctx: RunContext, target: OutputTarget, work: WorkDir,
+                   progress: bool | None, keep_map: bool) -> stitching.Stitched:
+    """Rewrite the tiles whose labels changed after they were written; finalize the output.
+
+    Returns the final labelling of every tile's local labels (``final`` only with ``keep_map``,
+    for the object table).
+    """
+    grid, book = ctx.grid, ctx.book
+    old, new = book.final_changes()
+    n_local = np.zeros(grid.n_tiles, np.int64)
+    finals, todo = [], []
+    for t in range(grid.n_tiles):
+        rec = work.load_record(t)
+        n_local[t] = rec.meta["n"]
+        glabels = rec.get("glabels")
+        final = stitching.apply_changes(glabels, old, new)
+        changed = final != glabels
+        if changed.any():
+            order = np.argsort(glabels[changed])
+            todo.append((t, glabels[changed][order], final[changed][order]))
+        if keep_map:
+            finals.append(final)
+    log.info("%d objects; %d tile(s) hold labels joined or moved after they were written",
+             book.n_labels, len(todo))
+    fctx = FixContext(grid, work.path, ctx.output)
+    with make_progress(len(todo), "merging", progress) as bar:
+        run_tasks(fix_tile, todo, fctx, progress=bar, name="fix", threads=_io_threads(grid))
+    target.finalize()
+    offsets = np.concatenate([[0], np.cumsum(n_local + 1)[:-1]])
+    final_map = np.concatenate(finals) if keep_map else np.zeros(0, np.int64)
+    return stitching.Stitched(offsets, final_map, book.n_labels, n_local)
 
 
 def _stitch(grid: TileGrid, mode: str, work: WorkDir, connectivity: int, iou_threshold: float,

@@ -3,7 +3,9 @@
 Each tile numbers its objects 1..n. Global node ``offset[t] + l`` stands for local label ``l``
 of tile ``t``. Pairs of neighbouring tiles are matched from the boundary data their records hold
 (never the image, never a second call of ``fn``), giving edges between global nodes. Connected
-components of that graph are the final objects, numbered 1..N in order of first appearance.
+components of that graph are the final objects, numbered 1..N in order of first appearance
+(:func:`solve_labels`, the distributed engine). The serial engine builds the same components
+online, tile by tile, with :class:`LabelBook`.
 
 Two modes:
 
@@ -26,11 +28,13 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from .errors import InputError
+from .errors import BlockbusterError, InputError
 from .tiling import Region, Tile, TileGrid
 
 __all__ = [
     "STITCH_MODES",
+    "LabelBook",
+    "apply_changes",
     "boundary_arrays",
     "match_pair",
     "solve_labels",
@@ -275,8 +279,9 @@ def sequential_local_labels(labels: np.ndarray) -> tuple[np.ndarray, int, np.nda
         present[0] = False
         n = int(present.sum())
         dtype = label_dtype(n)
-        if n == top:  # already sequential: no gather needed
-            return labels.astype(dtype, copy=False), n, counts
+        if n == top:  # already sequential: no gather needed (labels are >= 0: a view will do)
+            same_size = labels.dtype.itemsize == dtype.itemsize
+            return labels.view(dtype) if same_size else labels.astype(dtype), n, counts
         lut = np.zeros(top + 1, dtype=dtype)
         lut[present] = np.arange(1, n + 1)
         return lut[labels], n, np.concatenate([counts[:1], counts[present]])
@@ -288,8 +293,141 @@ def sequential_local_labels(labels: np.ndarray) -> tuple[np.ndarray, int, np.nda
     return inverse.astype(label_dtype(n)).reshape(labels.shape), n, counts
 
 
-def count_per_label(labels: np.ndarray, n: int) -> np.ndarray:
-    """Voxel count of every label 0..n."""
-    return np.bincount(labels.ravel(), minlength=n + 1)[: n + 1]
+def core_counts(labels: np.ndarray, inner: tuple[slice, ...], counts: np.ndarray) -> np.ndarray:
+    """Voxel count of every label inside ``labels[inner]``, given the counts of all ``labels``.
+
+    Subtracts the halo's counts (the halo is much smaller than the core).
+
+    Examples
+    --------
+    >>> labels = np.array([[1, 1, 2], [0, 2, 2]])
+    >>> core_counts(labels, (slice(0, 2), slice(1, 3)), np.array([1, 2, 3])).tolist()
+    [0, 1, 3]
+    """
+    out = counts.copy()
+    region = [slice(None)] * labels.ndim
+    for axis, keep in enumerate(inner):
+        size = labels.shape[axis]
+        for part in (slice(0, keep.start), slice(keep.stop, size)):
+            if part.stop > part.start:
+                region[axis] = part
+                out -= np.bincount(labels[tuple(region)].ravel(), minlength=len(counts))
+        region[axis] = keep  # later axes: only what is inside on this one (no double count)
+    return out
 
 
+
+
+class LabelBook:
+    """Global labels handed out while tiles arrive one at a time (the serial, one-pass engine).
+
+    A tile's objects that continue an object of an already finished neighbour take that
+    object's label; the others get new labels. When one object joins two labels that were both
+    handed out already (a U shape closing), the larger label is *absorbed* into the smaller:
+    the tiles holding it are rewritten at the end (:meth:`final_changes`), which also closes the
+    gaps so the labels end up consecutive, 1..N. The root of every group is its smallest label,
+    whatever the order the tiles came in, so replaying the records after a crash rebuilds the
+    same book.
+
+    Examples
+    --------
+    >>> book = LabelBook()
+    >>> has_core = np.array([False, True, True])
+    >>> book.assign(has_core, np.empty(0, int), np.empty(0, int))[0].tolist()  # first tile
+    [0, 1, 2]
+    >>> book.assign(has_core, np.array([1, 1]), np.array([1, 2]))  # joins labels 1 and 2
+    (array([0, 1, 3]), array([[2, 1]]))
+    >>> book.n_labels, book.final_changes()  # label 3 moves into the gap left by 2
+    (2, (array([2, 3]), array([1, 2])))
+    """
+
+    def __init__(self, max_label: int = int(np.iinfo(np.uint32).max)) -> None:
+        self.next_label = 1
+        self.max_label = max_label
+        self._parent: dict[int, int] = {}  # absorbed label -> a smaller label of its group
+
+    @property
+    def n_labels(self) -> int:
+        return self.next_label - 1 - len(self._parent)
+
+    def find(self, label: int) -> int:
+        root = label
+        while root in self._parent:
+            root = self._parent[root]
+        while label != root:  # path compression
+            self._parent[label], label = root, self._parent[label]
+        return root
+
+    def union(self, a: int, b: int) -> tuple[int, int] | None:
+        """Join two groups; returns ``(absorbed, root)``, or None if already one group."""
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return None
+        lo, hi = min(ra, rb), max(ra, rb)
+        self._parent[hi] = lo
+        return hi, lo
+
+    def assign(self, has_core: np.ndarray, local: np.ndarray, matched: np.ndarray,
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Global labels for a tile's local labels ``0..n``, and the merges it caused.
+
+        ``has_core[l]``: local label ``l`` reaches the tile's core (only those are labelled);
+        ``(local[i], matched[i])``: local label ``local[i]`` is the same object as global label
+        ``matched[i]`` of a finished neighbour.
+        """
+        glabels = np.zeros(len(has_core), np.int64)
+        merges = []
+        for l, g in zip(local.tolist(), matched.tolist()):
+            if glabels[l] == 0:
+                glabels[l] = self.find(g)
+            else:
+                merged = self.union(int(glabels[l]), g)
+                if merged is not None:
+                    merges.append(merged)
+        if merges:  # labels given out earlier in this loop may have been absorbed since
+            glabels = np.array([self.find(int(g)) if g else 0 for g in glabels.tolist()],
+                               np.int64)
+        new = has_core.copy()
+        new[0] = False
+        new &= glabels == 0
+        n_new = int(new.sum())
+        if self.next_label + n_new - 1 > self.max_label:
+            raise BlockbusterError(
+                f"more than {self.max_label:,} objects: the serial engine numbers objects as "
+                "tiles arrive, in uint32; run with a dask client (client=...), whose two-pass "
+                "stitching switches to uint64 when needed")
+        glabels[new] = np.arange(self.next_label, self.next_label + n_new)
+        self.next_label += n_new
+        return glabels, np.array(merges, np.int64).reshape(-1, 2)
+
+    def replay(self, glabels: np.ndarray, merges: np.ndarray) -> None:
+        """Take back what :meth:`assign` did for a tile finished in an earlier attempt."""
+        self.next_label = max(self.next_label, int(glabels.max(initial=0)) + 1)
+        for absorbed, root in merges.tolist():
+            self.union(absorbed, root)
+
+    def final_changes(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(old, new)``: sorted labels that change at the end, and their final values.
+
+        Absorbed labels take their root's final label; the largest roots move into the gaps
+        the absorbed labels left, so that the final labels are exactly 1..N.
+        """
+        n = self.n_labels
+        absorbed = sorted(self._parent)
+        gaps = [a for a in absorbed if a <= n]
+        movers = [r for r in range(n + 1, self.next_label) if r not in self._parent]
+        moved = dict(zip(movers, gaps))
+        old = sorted(absorbed + movers)
+        new = [moved.get(self.find(x), self.find(x)) for x in old]
+        return np.array(old, np.int64), np.array(new, np.int64)
+
+
+def apply_changes(labels: np.ndarray, old: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """``labels`` with every value in ``old`` (sorted) replaced by the matching ``new``."""
+    if old.size == 0:
+        return labels
+    index = np.minimum(np.searchsorted(old, labels), old.size - 1)
+    hit = old[index] == labels
+    out = labels.copy()
+    out[hit] = new[index[hit]].astype(labels.dtype, copy=False)
+    return out

@@ -4,11 +4,13 @@ Layout of ``<output>.blockbuster-work/``::
 
     manifest.json   the run's parameters; a resumed run must match them
     lock            held (flock) by the run that is writing the output
-    raw.zarr        each tile's core labels with tile-local ids 1..n (chunks = tile cores)
-    tiles/<id>.tile one record per finished tile: label count, voxel counts, boundary data;
+    tiles/<id>.tile one record per finished tile: label count, voxel counts, boundary data
+                    (serial engine: also the global labels it got, and the merges it caused);
                     its presence is what marks the tile done (written last, atomically)
     failed/<id>.txt traceback of a tile whose fn failed
-    final.zarr      the stitched mapping: tile-local id -> final label, one slice per tile
+    fixes/<id>.tile serial engine: a tile's labels as written, kept while the end rewrites it
+    raw.zarr        distributed engine: each tile's core labels with tile-local ids 1..n
+    final.zarr      distributed engine: the stitched map tile-local id -> final label
 
 Nothing in here is needed once the output is complete; it is deleted then.
 """
@@ -68,6 +70,8 @@ class TileRecord:
         spec = self.meta.get("arrays", {}).get(name)
         if spec is None:
             return None
+        if spec["nbytes"] == 0:  # an empty array (Blosc cannot round-trip zero bytes)
+            return np.empty(spec["shape"], dtype=spec["dtype"])
         with open(self._path, "rb") as f:
             f.seek(self._header_end + spec["offset"])
             raw = _CODEC.decode(f.read(spec["nbytes"]))
@@ -77,7 +81,7 @@ class TileRecord:
         """Write atomically (temporary file, fsync, rename): a reader sees all of it or none."""
         blobs, specs, offset = [], {}, 0
         for name, arr in self._arrays.items():
-            blob = _CODEC.encode(np.ascontiguousarray(arr))
+            blob = _CODEC.encode(np.ascontiguousarray(arr)) if arr.size else b""
             specs[name] = {"dtype": arr.dtype.str, "shape": list(arr.shape), "offset": offset,
                            "nbytes": len(blob)}
             blobs.append(blob)
@@ -199,6 +203,18 @@ class WorkDir:
 
     def load_record(self, tile_id: int) -> TileRecord:
         return TileRecord.load(self.record_path(tile_id))
+
+    def clear_tiles(self) -> None:
+        """Forget every finished tile (their output is gone): they all run again."""
+        for path in self.tiles_dir.glob("*.tile"):
+            path.unlink()
+        shutil.rmtree(self.path / "fixes", ignore_errors=True)
+
+    def before_fix_path(self, tile_id: int) -> Path:
+        """Where a tile's labels are kept while the serial engine's last pass rewrites it."""
+        folder = self.path / "fixes"
+        folder.mkdir(exist_ok=True)
+        return folder / f"{tile_id}.tile"
 
     def save_failure(self, tile_id: int, text: str) -> None:
         self.failed_dir.mkdir(parents=True, exist_ok=True)
