@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from scipy import ndimage
 
 from blockbuster import tile_process
-from blockbuster.errors import BlockbusterError, InputError
+from blockbuster.errors import BlockbusterError, InputError, TileFailures
 from blockbuster.stitching import LabelBook, apply_changes, solve_labels
 
 from helpers import comb_mask, same_partition
@@ -237,3 +237,34 @@ def test_label_book_refuses_to_overflow_its_dtype():
     book.assign(np.array([False, True, True]), np.empty(0, int), np.empty(0, int))
     with pytest.raises(BlockbusterError, match="more than 3 objects"):
         book.assign(np.array([False, True, True]), np.empty(0, int), np.empty(0, int))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=tiled_masks(2), seed=st.integers(0, 2**31 - 1))
+def test_tiles_resumed_out_of_order_still_give_whole_image_components(case, seed, tmp_path_factory):
+    """Tiles that failed run after their later neighbours: labels already written get joined."""
+    mask, tile_shape, overlap, connectivity = case
+    structure = ndimage.generate_binary_structure(mask.ndim, connectivity)
+    n_tiles = int(np.prod([-(-s // t) for s, t in zip(mask.shape, tile_shape)]))
+    failing = set(np.random.default_rng(seed).choice(n_tiles, n_tiles // 2, replace=False).tolist())
+    calls, first_run = [0], [True]
+
+    def flaky(tile):
+        calls[0] += 1
+        if first_run[0] and calls[0] - 1 in failing:
+            raise RuntimeError("simulated")
+        return ndimage.label(tile, structure)[0]
+
+    out = tmp_path_factory.mktemp("resume") / "out.zarr"
+    kwargs = dict(stitch="faces", connectivity=connectivity, output=out, retries=0,
+                  progress=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "overlap .* reduced", UserWarning)
+        if failing:
+            with pytest.raises(TileFailures):
+                tile_process(mask, flaky, tile_shape, overlap, **kwargs)
+        first_run[0] = False
+        labels = tile_process(mask, flaky, tile_shape, overlap, resume=True, **kwargs)[:]
+    expected = ndimage.label(mask, structure)[0]
+    assert same_partition(labels, expected)
+    assert np.array_equal(np.unique(labels[labels > 0]), np.arange(1, expected.max() + 1))

@@ -515,7 +515,10 @@ def tile_process(
         Continue an unfinished run on the same output with the same arguments: finished tiles
         are not run again.
     client : distributed.Client or "active", optional
-        Run tiles on a dask.distributed cluster instead of sequentially in this process.
+        Run tiles on a dask.distributed cluster instead of sequentially in this process. Without
+        a client, each tile's labels are final when it is stored (one pass over the output);
+        with one, tiles finish in any order and a second pass writes the final labels. A run
+        started without a client is resumed without one.
     progress : bool, optional
         Show progress bars; default: only on a terminal.
     table : bool or path
@@ -544,7 +547,8 @@ def tile_process(
     Returns
     -------
     zarr.Array
-        The labels (uint32, or uint64 when needed), chunked on the tile cores.
+        The labels, consecutive 1..N, chunked on the tile cores; uint32 (with a client: uint64
+        beyond 4 billion objects).
 
     Examples
     --------
