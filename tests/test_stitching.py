@@ -268,3 +268,23 @@ def test_tiles_resumed_out_of_order_still_give_whole_image_components(case, seed
     expected = ndimage.label(mask, structure)[0]
     assert same_partition(labels, expected)
     assert np.array_equal(np.unique(labels[labels > 0]), np.arange(1, expected.max() + 1))
+
+
+def test_object_table_describes_the_labels_written(tmp_path):
+    """Labels joined and moved at the end: the table follows them (counts, boxes, centroids)."""
+    from blockbuster import read_object_table
+
+    out = tile_process(comb_mask(), lambda t: ndimage.label(t)[0], (30, 30), stitch="faces",
+                       output=tmp_path / "o.zarr", table=True, progress=False)
+    labels = out[:]
+    ids = np.arange(1, labels.max() + 1)
+    table = read_object_table(tmp_path / "o.zarr.objects.csv")
+    assert np.array_equal(table["label"], ids)
+    assert np.array_equal(table["voxels"], np.bincount(labels.ravel())[1:])
+    boxes = ndimage.find_objects(labels)
+    for axis, name in enumerate("yx"):
+        assert np.array_equal(table[f"bbox_min_{name}"], [b[axis].start for b in boxes])
+        assert np.array_equal(table[f"bbox_max_{name}"], [b[axis].stop for b in boxes])
+    centroids = np.array(ndimage.center_of_mass(labels > 0, labels, ids))
+    np.testing.assert_allclose(np.stack([table["centroid_y"], table["centroid_x"]], 1),
+                               centroids, atol=1e-3)
