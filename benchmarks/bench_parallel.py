@@ -123,10 +123,16 @@ def child_run(p: dict[str, Any]) -> dict[str, Any]:
 
 
 def _cluster_cpu(client: Any) -> dict[str, float]:
-    """CPU seconds used so far by the workers (all their threads), the scheduler and us."""
+    """CPU seconds used so far by the workers (all their threads), the scheduler and us.
+
+    A ``LocalCluster`` runs its scheduler in this process: then it is counted once, as ours.
+    """
+    import os
+
     workers = client.run(time.process_time)
+    own = client.run_on_scheduler(os.getpid) != os.getpid()
     return {"workers": sum(workers.values()),
-            "scheduler": client.run_on_scheduler(time.process_time),
+            "scheduler": client.run_on_scheduler(time.process_time) if own else 0.0,
             "client": time.process_time()}
 
 

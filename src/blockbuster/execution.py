@@ -32,13 +32,18 @@ def active_client(client: Any = None) -> Any:
 
 def run_tasks(func: Callable[[Any, Any], T], items: Sequence[Any], shared: Any, *,
               client: Any = None, progress: Progress | None = None, name: str = "tile",
-              on_result: Callable[[T], None] | None = None, threads: int = 1) -> list[T]:
+              on_result: Callable[[T], None] | None = None, threads: int = 1,
+              batches_per_thread: int | None = None) -> list[T]:
     """Compute ``func(shared, item)`` for every item and return the results in item order.
 
     ``shared`` (the run context: image source, segmenter, grid) goes into the graph once, not
     once per task. Results should be small (summaries): the labels go to disk inside ``func``.
     Without a client, ``threads > 1`` runs the tasks on a thread pool (for tasks that never call
-    the user's fn and spend their time in I/O and compression).
+    the user's fn and spend their time in I/O and compression). With a client,
+    ``batches_per_thread`` groups short items into about that many dask tasks per worker
+    thread: each task costs the scheduler and this process a few milliseconds of CPU, as much
+    as a short item itself. Tasks that call the user's fn stay one per item (a worker that
+    dies loses one tile).
     """
     if not items:
         return []
@@ -48,9 +53,31 @@ def run_tasks(func: Callable[[Any, Any], T], items: Sequence[Any], shared: Any, 
         return _run_serial(func, items, shared, progress, on_result)
     prefix = f"blockbuster-{name}-{uuid.uuid4().hex[:8]}"
     shared_d = dask.delayed(shared, name=f"{prefix}-context", traverse=False)
-    tasks = [dask.delayed(func, pure=False)(shared_d, item, dask_key_name=(prefix, i))
-             for i, item in enumerate(items)]
-    return _run_distributed(client, tasks, progress, on_result)
+    size = _batch_size(client, len(items), batches_per_thread)
+    groups = [list(items[i:i + size]) for i in range(0, len(items), size)]
+    tasks = [dask.delayed(_run_batch, pure=False)(func, shared_d, group, dask_key_name=(prefix, i))
+             for i, group in enumerate(groups)]
+
+    def each(results: list[T]) -> None:
+        for result in results:
+            if on_result is not None:
+                on_result(result)
+            if progress is not None:
+                progress.update()
+
+    return [r for group in _run_distributed(client, tasks, each) for r in group]
+
+
+def _run_batch(func: Callable[[Any, Any], T], shared: Any, items: list[Any]) -> list[T]:
+    return [func(shared, item) for item in items]
+
+
+def _batch_size(client: Any, n_items: int, batches_per_thread: int | None) -> int:
+    """Items per dask task: 1, or enough for about ``batches_per_thread`` tasks per thread."""
+    if not batches_per_thread:
+        return 1
+    threads = max(1, sum(client.nthreads().values()))
+    return max(1, -(-n_items // (threads * batches_per_thread)))
 
 
 def _run_serial(func, items, shared, progress, on_result) -> list:
@@ -85,8 +112,7 @@ def _run_threads(func, items, shared, progress, on_result, threads: int) -> list
     return results
 
 
-def _run_distributed(client: Any, tasks: list, progress: Progress | None,
-                     on_result: Callable[[Any], None] | None) -> list:
+def _run_distributed(client: Any, tasks: list, on_result: Callable[[Any], None]) -> list:
     from distributed import as_completed
 
     futures = client.compute(tasks, optimize_graph=False)
@@ -94,8 +120,5 @@ def _run_distributed(client: Any, tasks: list, progress: Progress | None,
     results: list[Any] = [None] * len(futures)
     for future, result in as_completed(futures, with_results=True):
         results[index[future.key]] = result
-        if on_result is not None:
-            on_result(result)
-        if progress is not None:
-            progress.update()
+        on_result(result)
     return results

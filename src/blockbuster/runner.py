@@ -58,6 +58,10 @@ FAIL_FAST_AFTER = 3
 #: "auto" sizing reserved for one segmentation tile. Segmentation is always one tile at a time.
 IO_THREADS = min(2, os.cpu_count() or 1)
 IO_THREADS_MAX_TILE_VOXELS = 2**20
+#: On a cluster, stitching and writing (no fn, milliseconds per tile) go in batches of tiles,
+#: about this many per worker thread: enough to balance the load, few enough that the
+#: scheduler's cost per task stays small next to the work.
+BATCHES_PER_THREAD = 4
 
 
 def _io_threads(grid: TileGrid) -> int:
@@ -915,7 +919,8 @@ def _stitch(grid: TileGrid, mode: str, work: WorkDir, connectivity: int, iou_thr
         with make_progress(grid.n_tiles, "stitching", progress) as bar:
             for tile_id, found in run_tasks(match_tile, list(range(grid.n_tiles)), sctx,
                                             client=client, progress=bar, name="stitch",
-                                            threads=_io_threads(grid)):
+                                            threads=_io_threads(grid),
+                                            batches_per_thread=BATCHES_PER_THREAD):
                 for other, la, lb in found:
                     edges_a.append(offsets[tile_id] + la)
                     edges_b.append(offsets[other] + lb)
@@ -936,7 +941,7 @@ def _write_output(target: OutputTarget, grid: TileGrid, work: WorkDir,
     rctx = RelabelContext(grid, work.path, out, stitched.offsets, n_local)
     with make_progress(len(todo), "writing", progress) as bar:
         run_tasks(relabel_tile, todo, rctx, client=client, progress=bar, name="relabel",
-                  threads=_io_threads(grid))
+                  threads=_io_threads(grid), batches_per_thread=BATCHES_PER_THREAD)
     target.finalize()
     return out
 
