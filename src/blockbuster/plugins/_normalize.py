@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     from ..io import ImageSource
 
 __all__ = ["NormalizeMode", "Percentiles", "check_mode", "check_percentiles", "normalize_tile",
-           "tile_has_contrast", "image_or_tile_percentiles"]
+           "tile_has_contrast", "image_or_tile_percentiles", "network_input"]
 
 NormalizeMode = Literal["global", "tile", "none"]
 _MODES = ("global", "tile", "none")
@@ -188,3 +189,27 @@ def tile_has_contrast(tile: np.ndarray, channel_axis: int | None = None) -> bool
         return False
     voxels = _as_voxels_by_channel(tile, channel_axis)
     return bool((voxels.max(axis=0) > voxels.min(axis=0)).any())
+
+
+def network_input(tile: np.ndarray, channel_axis: int | None,
+                  normalized: Callable[[np.ndarray], np.ndarray],
+                  ) -> tuple[tuple[int, ...], np.ndarray | None]:
+    """A tile's spatial shape, and ``normalized(tile)`` with its channels last (one if none).
+
+    The input is None for a constant tile: it holds no objects, and the network is skipped.
+
+    Examples
+    --------
+    >>> tile = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)  # channels first
+    >>> spatial, x = network_input(tile, 0, lambda t: t / 23)
+    >>> spatial, x.shape
+    ((3, 4), (3, 4, 2))
+    >>> network_input(np.zeros((3, 4)), None, lambda t: t)
+    ((3, 4), None)
+    """
+    spatial = tuple(s for a, s in enumerate(tile.shape) if a != channel_axis)
+    if not tile_has_contrast(tile, channel_axis):
+        return spatial, None
+    x = normalized(tile)
+    return spatial, (np.moveaxis(x, channel_axis, -1) if channel_axis is not None
+                     else x[..., None])

@@ -42,8 +42,8 @@ from ._normalize import (
     check_mode,
     check_percentiles,
     image_or_tile_percentiles,
+    network_input,
     normalize_tile,
-    tile_has_contrast,
 )
 
 if TYPE_CHECKING:
@@ -226,11 +226,9 @@ class CellposeSegmenter(Segmenter):
 
     def segment(self, tile: np.ndarray) -> np.ndarray:
         """Cellpose labels (uint32) of one tile; each z-plane separately unless ``do_3D``."""
-        spatial = tuple(s for a, s in enumerate(tile.shape) if a != self.channel_axis)
-        if not tile_has_contrast(tile, self.channel_axis):
+        spatial, x = network_input(tile, self.channel_axis, self._normalized)
+        if x is None:
             return np.zeros(spatial, np.uint32)
-        x = self._normalized(tile)
-        x = np.moveaxis(x, self.channel_axis, -1) if self.channel_axis is not None else x[..., None]
         model = self.load_model()
         with _eval_lock(self._cache_key()):
             if self.do_3D or self._stitches_planes:
@@ -250,11 +248,8 @@ class CellposeSegmenter(Segmenter):
         if self.normalize == "none":
             x = tile.astype(np.float32)
         else:
-            x = normalize_tile(tile, self._norm_for(tile), self.channel_axis)
+            x = normalize_tile(tile, image_or_tile_percentiles(self, tile), self.channel_axis)
         return 1.0 - x if self.invert else x
-
-    def _norm_for(self, tile: np.ndarray) -> Percentiles:
-        return image_or_tile_percentiles(self, tile)
 
     def _eval_args(self, n_channels: int) -> dict[str, Any]:
         if self.normalize == "tile":

@@ -41,8 +41,8 @@ from ._normalize import (
     check_mode,
     check_percentiles,
     image_or_tile_percentiles,
+    network_input,
     normalize_tile,
-    tile_has_contrast,
 )
 
 if TYPE_CHECKING:
@@ -219,11 +219,9 @@ class StardistSegmenter(Segmenter):
 
     def segment(self, tile: np.ndarray) -> np.ndarray:
         """StarDist labels (int32) of one tile; a 2-D model segments each z-plane on its own."""
-        spatial = tuple(s for a, s in enumerate(tile.shape) if a != self.channel_axis)
-        if not tile_has_contrast(tile, self.channel_axis):
+        spatial, x = network_input(tile, self.channel_axis, self._normalized)
+        if x is None:
             return np.zeros(spatial, np.int32)
-        x = self._normalized(tile)
-        x = np.moveaxis(x, self.channel_axis, -1) if self.channel_axis is not None else x[..., None]
         x = self._model_channels(x)
         model = self.load_model()
         if len(spatial) == self.n_dim:
@@ -257,10 +255,7 @@ class StardistSegmenter(Segmenter):
 
             axes = tuple(a for a in range(tile.ndim) if a != self.channel_axis)
             return normalize(tile, *self.percentiles, axis=axes).astype(np.float32, copy=False)
-        return normalize_tile(tile, self._norm_for(tile), self.channel_axis)
-
-    def _norm_for(self, tile: np.ndarray) -> Percentiles:
-        return image_or_tile_percentiles(self, tile)
+        return normalize_tile(tile, image_or_tile_percentiles(self, tile), self.channel_axis)
 
     def _predict(self, model: Any, x: np.ndarray) -> np.ndarray:
         axes = "YXC" if x.ndim == 3 else "ZYXC"
