@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 
@@ -23,3 +25,30 @@ def comb_mask(shape=(120, 120)) -> np.ndarray:
         mask[top + 2:top + 40, 66:70] = True
         mask[top + 10:top + 20, 20:30] = True  # a plain blob in between
     return mask
+
+
+def prepared(seg: Any, image: np.ndarray, channel_axis: int | None = None) -> Any:
+    """A plugin segmenter set up the way ``tile_process`` sets it up for ``image``."""
+    from blockbuster.io import open_image
+
+    seg.channel_axis = None if channel_axis is None else channel_axis % image.ndim
+    seg.prepare(open_image(image, channel_axis))
+    return seg
+
+
+class CallSpy:
+    """Records what a plugin passes to one method of its model, and forwards the call."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.calls: list[tuple[np.ndarray, dict]] = []
+
+    def __call__(self, x: Any, **kwargs: Any) -> Any:
+        self.calls.append((np.array(x, copy=True), kwargs))
+        return self.real(x, **kwargs)
+
+
+def spy_on(monkeypatch: Any, model: Any, method: str) -> CallSpy:
+    recorder = CallSpy(getattr(model, method))
+    monkeypatch.setattr(model, method, recorder)
+    return recorder

@@ -24,6 +24,8 @@ from blockbuster.io import open_image
 from blockbuster.plugins import stack_plane_labels
 from blockbuster.testing import SegmenterConformance, synthetic_nuclei
 
+from helpers import prepared, spy_on
+
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("cellpose") is None,
                        reason='needs cellpose: pip install "blockbuster[cellpose]"'),
@@ -112,33 +114,9 @@ def make(model_file: Path, model_kwargs: dict):
     return make
 
 
-def prepared(seg, image: np.ndarray, channel_axis=None):
-    seg.channel_axis = None if channel_axis is None else channel_axis % image.ndim
-    seg.prepare(open_image(image, channel_axis))
-    return seg
-
-
-class EvalSpy:
-    """Records what the plugin passes to the model's eval and forwards the call."""
-
-    def __init__(self, model):
-        self.real = model.eval
-        self.calls: list[tuple[np.ndarray, dict]] = []
-
-    def __call__(self, x, **kwargs):
-        self.calls.append((np.array(x, copy=True), kwargs))
-        return self.real(x, **kwargs)
-
-
 @pytest.fixture
 def spy(monkeypatch: pytest.MonkeyPatch):
-    def attach(seg) -> EvalSpy:
-        model = seg.load_model()
-        recorder = EvalSpy(model)
-        monkeypatch.setattr(model, "eval", recorder)
-        return recorder
-
-    return attach
+    return lambda seg: spy_on(monkeypatch, seg.load_model(), "eval")
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,8 @@ from blockbuster.io import open_image
 from blockbuster.plugins import stack_plane_labels
 from blockbuster.testing import SegmenterConformance, synthetic_nuclei
 
+from helpers import prepared, spy_on
+
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("stardist") is None
                        or importlib.util.find_spec("tensorflow") is None,
@@ -65,31 +67,9 @@ def make(model_dir: Path):
     return make
 
 
-def prepared(seg, image: np.ndarray, channel_axis=None):
-    seg.channel_axis = None if channel_axis is None else channel_axis % image.ndim
-    seg.prepare(open_image(image, channel_axis))
-    return seg
-
-
-class PredictSpy:
-    def __init__(self, model):
-        self.real = model.predict_instances
-        self.calls: list[tuple[np.ndarray, dict]] = []
-
-    def __call__(self, x, **kwargs):
-        self.calls.append((np.array(x, copy=True), kwargs))
-        return self.real(x, **kwargs)
-
-
 @pytest.fixture
 def spy(monkeypatch: pytest.MonkeyPatch):
-    def attach(seg) -> PredictSpy:
-        model = seg.load_model()
-        recorder = PredictSpy(model)
-        monkeypatch.setattr(model, "predict_instances", recorder)
-        return recorder
-
-    return attach
+    return lambda seg: spy_on(monkeypatch, seg.load_model(), "predict_instances")
 
 
 @pytest.fixture(scope="module")
