@@ -182,12 +182,12 @@ def test_resume_of_a_complete_output_does_nothing(tmp_path, blobs2d):
 def test_a_second_concurrent_run_is_refused(tmp_path, blobs2d):
     out = tmp_path / "out.zarr"
     work = WorkDir(work_dir_for(out))
+    work.path.mkdir(parents=True, exist_ok=True)  # before the holder opens its lock file
     holder = subprocess.Popen([sys.executable, "-c", (
         "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
         "f.write('pid test'); f.flush(); fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); "
         "time.sleep(60)"), str(work.path / "lock")], stdout=subprocess.PIPE, text=True)
     try:
-        work.path.mkdir(parents=True, exist_ok=True)
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(OutputLockedError, match="another blockbuster run"):
             tile_process(blobs2d, lambda t: ndimage.label(t)[0], (50, 50), output=out)

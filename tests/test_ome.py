@@ -91,7 +91,7 @@ def test_engine_path_create_fill_finalize(ome_image):
     assert meta["image-label"]["version"] == {3: "0.5", 2: "0.4"}[fmt]
     if fmt == 3:
         assert zarr.open_array(str(out / "1")).metadata.dimension_names == ("z", "y", "x")
-    assert "blockbuster" not in zarr.open_group(str(out)).attrs  # provisional mark removed
+    assert zarr.open_group(str(out)).attrs["blockbuster"] == {"complete": True}  # no longer provisional
 
 
 def test_write_ome_labels_from_memory_and_keeps_other_labels(ome_image):

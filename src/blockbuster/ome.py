@@ -59,7 +59,10 @@ MIN_OVERVIEW = 256
 MAX_LEVEL_CHUNK_BYTES = 4 * 2**20
 
 _NGFF_BY_ZARR = {2: "0.4", 3: "0.5"}
-_PROVISIONAL = "blockbuster"  # attribute of a label group still being written
+#: Attribute of a label group blockbuster writes: ``complete`` is False while it is written.
+#: It stays once complete, so that an overwrite can tell blockbuster's own label images from
+#: anyone else's (which are never replaced).
+_PROVISIONAL = "blockbuster"
 
 
 # -- small metadata helpers ------------------------------------------------------------------
@@ -648,14 +651,35 @@ def create_label_level0(
 
 def _prepare_location(group_path: Path, image_group: str | os.PathLike | None, name: str,
                       standalone_path: str | os.PathLike | None, overwrite: bool) -> None:
-    """Make room for a new label image, or refuse if one exists and overwrite is False."""
-    if not group_path.exists():
+    """Make room for a new label image, or refuse if one exists and overwrite is False.
+
+    Only a label image that blockbuster wrote is ever replaced; anything else at that place (a
+    label image from another tool, a user's annotations) is refused, with or without overwrite.
+    """
+    if not group_path.exists() or (group_path.is_dir() and not any(group_path.iterdir())):
         return
+    if not _written_by_blockbuster(group_path):
+        raise OutputExistsError(
+            f"{group_path} exists and was not written by blockbuster; it is never replaced. "
+            "Choose another label name (or output path)")
     if not overwrite:
         raise OutputExistsError(f"{group_path} exists; pass overwrite=True to replace it")
     if standalone_path is None:
         _unlist_label(group_path.parent.parent, name)  # never list a half-written label image
     shutil.rmtree(group_path)
+
+
+def _written_by_blockbuster(group_path: Path) -> bool:
+    from .output import is_blockbuster_output
+
+    return is_blockbuster_output(group_path)
+
+
+def remove_label_image(image_group: str | os.PathLike, name: str) -> None:
+    """Unlist and delete ``<image_group>/labels/<name>``, a label image blockbuster wrote."""
+    group_path = label_group_path(image_group, name)
+    if group_path.exists():
+        _prepare_location(group_path, image_group, name, None, overwrite=True)
 
 
 def _unlist_label(image_path: Path, name: str) -> None:
@@ -736,7 +760,8 @@ def finalize_ome_labels(
     if properties is not None:
         image_label["properties"] = _check_label_entries(properties, "properties")
     write_multiscales(group, axes=label_axes, transforms=transforms, name=name, method="mode",
-                      common=common, extra={"image-label": image_label}, drop=[_PROVISIONAL])
+                      common=common, extra={"image-label": image_label})
+    group.attrs[_PROVISIONAL] = {"complete": True}  # no longer provisional; still ours
     if standalone_path is None:
         _list_label(group_path.parent.parent, name)  # <image>/labels/<name>
     return group_path

@@ -2,13 +2,20 @@
 
 Also the completion marker: a finished output carries ``attrs["blockbuster"]["complete"]``
 with the run's parameters, and :func:`open_labels` refuses anything else.
+
+What blockbuster may write to, and delete (:meth:`OutputTarget.check_location`): a path that
+does not exist, an empty directory, or an output of its own (one whose zarr attributes carry
+the ``"blockbuster"`` marker, complete or provisional). It replaces only its own outputs, and
+never writes into, around or over its input (OME-Zarr labels inside their image excepted).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,12 +23,17 @@ from typing import Any
 import numpy as np
 import zarr
 
-from .errors import IncompleteOutputError, InputError
+from .errors import IncompleteOutputError, InputError, OutputExistsError
 from .io import ImageSource, default_output_path
-from .store import WORK_SUFFIX, work_dir_for
+from .store import WORK_SUFFIX, RunLock, WorkDir, work_dir_for
+from .tiling import TileGrid
 
 __all__ = ["OutputTarget", "resolve_output", "open_labels", "completion", "mark_complete",
-           "work_dirs_for"]
+           "work_dirs_for", "is_blockbuster_output", "output_lock_path", "verify_output",
+           "missing_chunks"]
+
+#: The attribute that marks what blockbuster wrote (an output array, or an OME label group).
+MARKER = "blockbuster"
 
 log = logging.getLogger("blockbuster")
 
@@ -71,15 +83,20 @@ class OutputTarget:
 
     def create(self, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: np.dtype,
                attrs: dict[str, Any]) -> zarr.Array:
+        """A new, empty output (replacing an earlier output of blockbuster's own).
+
+        Only call it in a run that checked the location first (:meth:`check_location`).
+        """
+        replace_store = self.path is None and self.owned()
+        self.remove(claimed=True)
         if not self.is_ome:
             store = str(self.path) if self.path is not None else self.store
             return zarr.create_array(store=store, shape=shape, chunks=chunks, dtype=dtype,
-                                     fill_value=0, overwrite=True, attributes=attrs)
+                                     fill_value=0, attributes=attrs, overwrite=replace_store)
         from .ome import create_label_level0
 
         arr = create_label_level0(self.ome_image, self.ome_name, shape, chunks, dtype,
-                                  standalone_path=self.path if self.ome_standalone else None,
-                                  overwrite=True)
+                                  standalone_path=self.path if self.ome_standalone else None)
         arr.attrs.update(attrs)
         return arr
 
@@ -91,13 +108,132 @@ class OutputTarget:
             finalize_ome_labels(self.ome_image, self.ome_name,
                                 standalone_path=self.path if self.ome_standalone else None)
 
-    def remove(self) -> None:
-        # An OME label image is replaced by create() (which also unlists it from the image).
-        if self.path is not None and not self.is_ome:
-            shutil.rmtree(self.path, ignore_errors=True)
+    def owned(self) -> bool:
+        """Whether what lies at the output location was written by blockbuster."""
+        if self.path is not None:
+            return is_blockbuster_output(self.path)
+        try:
+            return MARKER in zarr.open_array(store=self.store, mode="r").attrs
+        except Exception:  # nothing there, or not an array
+            return False
+
+    def occupied(self) -> list[str]:
+        """What lies at the output location now (empty: nothing, or an empty directory)."""
+        if self.path is not None:
+            if not self.path.exists():
+                return []
+            if not self.path.is_dir():
+                return [self.path.name]
+            return sorted(p.name for p in self.path.iterdir())
+        try:
+            zarr.open(store=self.store, mode="r")
+            return ["zarr node"]
+        except Exception:  # nothing there
+            return []
+
+    def check_location(self, inputs: Iterable[Path | None], *, claimed: bool = False) -> None:
+        """Refuse an output location blockbuster must not write to (see the module docstring).
+
+        ``inputs`` are the paths the run reads (the image, the mask): the output may not be,
+        contain or lie inside one of them, except OME-Zarr labels at ``<image>/labels/<name>``.
+        ``claimed``: an unfinished run of blockbuster's own names this output in its work
+        directory, so what lies there is that run's.
+        """
+        if self.path is not None:
+            out = self.path.resolve()
+            for given in inputs:
+                if given is not None:
+                    self._check_apart(out, Path(given).resolve())
+        occupied = self.occupied()
+        if occupied and not (claimed or self.owned()):
+            shown = ", ".join(occupied[:5]) + (", ..." if len(occupied) > 5 else "")
+            what = "is a file" if self.path is not None and self.path.is_file() else (
+                f"already holds data that blockbuster did not write ({shown})")
+            raise OutputExistsError(
+                f"output {self.describe()} {what}. blockbuster writes only to a new path, an "
+                "empty folder, or one of its own outputs, and never replaces anything else "
+                "(not even with overwrite=True); choose another output path")
+
+    def _check_apart(self, out: Path, given: Path) -> None:
+        if self.is_ome and not self.ome_standalone and self.ome_image is not None \
+                and given == self.ome_image.resolve() and out.parent.parent == given:
+            return  # <image>/labels/<name>: the NGFF place for an image's labels
+        if out == given:
+            problem = "is the input"
+        elif given.is_relative_to(out):
+            problem = f"contains the input {given}"
+        elif out.is_relative_to(given):
+            problem = f"lies inside the input {given}"
+        else:
+            return
+        raise InputError(f"output {self.path} {problem}: blockbuster never writes into or over "
+                         "what it reads; choose an output path outside it")
+
+    def lock(self) -> RunLock | None:
+        """The lock that keeps two runs from writing this output at once (None for a store).
+
+        It lives next to the output, named after it, so every run that writes there takes the
+        same lock, whatever work directory it uses.
+        """
+        if self.path is None:
+            return None
+        return RunLock(output_lock_path(self.path), f"the output {self.path}")
+
+    def remove(self, *, claimed: bool = False) -> None:
+        """Delete the output before a new run replaces it: only ever one of blockbuster's own.
+
+        ``claimed``: see :meth:`check_location`.
+        """
+        if not self.occupied():
+            return
+        if not (claimed or self.owned()):  # check_location refuses this before a run starts
+            raise OutputExistsError(f"refusing to delete {self.describe()}: blockbuster did not "
+                                    "write it")
+        if self.is_ome and not self.ome_standalone and self.ome_image is not None:
+            from .ome import remove_label_image
+
+            remove_label_image(self.ome_image, self.ome_name or "")
+        elif self.path is not None:
+            shutil.rmtree(self.path)
+        # a store given by the caller is replaced by create(overwrite=True) instead
 
     def describe(self) -> str:
         return str(self.path) if self.path is not None else repr(self.store)
+
+
+def output_lock_path(path: Path) -> Path:
+    """``<parent>/.<name>.blockbuster-lock``: the lock of the output at ``path``.
+
+    Examples
+    --------
+    >>> output_lock_path(Path("/data/img.labels.zarr")).as_posix()
+    '/data/.img.labels.zarr.blockbuster-lock'
+    """
+    path = Path(path).resolve()
+    return path.with_name(f".{path.name}.blockbuster-lock")
+
+
+def _zarr_attrs(path: Path) -> dict[str, Any]:
+    """The user attributes of the zarr node at ``path`` (v3 or v2), read as plain JSON."""
+    try:
+        if (path / "zarr.json").is_file():
+            attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
+        elif (path / ".zattrs").is_file():
+            attrs = json.loads((path / ".zattrs").read_text())
+        else:
+            return {}
+    except (OSError, ValueError):
+        return {}
+    return attrs if isinstance(attrs, dict) else {}
+
+
+def is_blockbuster_output(path: str | Path) -> bool:
+    """Whether ``path`` is a label array or OME-Zarr label image that blockbuster wrote.
+
+    Complete or not: the marker is written when the output is created.
+    """
+    path = Path(path)
+    return MARKER in _zarr_attrs(path) or MARKER in _zarr_attrs(path / "0")
 
 
 def ome_work_dir(image: Path, label_name: str) -> Path:
@@ -139,8 +275,12 @@ def resolve_output(output: Any, source: ImageSource, work_dir: Any, ome: bool | 
                                 ome_name=label_name if ome else None, ome_standalone=True)
     if isinstance(output, (str, Path)):
         path = Path(output)
-        if source.path is not None and path.resolve() == source.path.resolve():
-            raise InputError(f"output {path} is the input image; choose another path")
+        if ome_input and ome is not False and _is_label_slot(path, source.path):
+            # <image>/labels/<name> named explicitly: the same label image (same lock and work
+            # directory) as the default output with label_name=<name>
+            work = Path(work_dir) if work_dir else ome_work_dir(source.path, path.name)
+            return OutputTarget(source.path / "labels" / path.name, None, work,
+                                ome_name=path.name, ome_image=source.path)
         standalone = ome if ome is not None else path.name.lower().endswith(".ome.zarr")
         return OutputTarget(path, None, work_for(path), ome_name=label_name if standalone else None,
                             ome_image=source.path if ome_input else None, ome_standalone=True)
@@ -148,6 +288,14 @@ def resolve_output(output: Any, source: ImageSource, work_dir: Any, ome: bool | 
         raise InputError("ome=True needs an output path (or an OME-Zarr input), not a store")
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="blockbuster-work-"))
     return OutputTarget(None, output, work)
+
+
+def _is_label_slot(path: Path, image: Path | None) -> bool:
+    """Whether ``path`` is ``<image>/labels/<name>``."""
+    if image is None:
+        return False
+    path = path.resolve()
+    return path.parent.name == "labels" and path.parent.parent == image.resolve()
 
 
 def completion(arr: zarr.Array) -> dict[str, Any] | None:
@@ -165,14 +313,75 @@ def open_labels(path: str | Path, *, allow_incomplete: bool = False) -> zarr.Arr
     IncompleteOutputError
         The run that writes this output has not finished (or died); resume it.
     """
-    node = zarr.open(store=str(path), mode="r")
-    arr = node["0"] if isinstance(node, zarr.Group) else node
+    try:
+        node = zarr.open(store=str(path), mode="r")
+        arr = node["0"] if isinstance(node, zarr.Group) else node
+    except (FileNotFoundError, KeyError, zarr.errors.NodeNotFoundError) as exc:
+        if any(WorkDir(w).exists() for w in work_dirs_for(path)):
+            raise IncompleteOutputError(
+                f"{path} has no labels yet: the run that writes them did not finish; rerun it "
+                "with resume=True") from exc
+        raise InputError(f"no labels at {path}: it is not a zarr array or OME-Zarr label "
+                         "image") from exc
     meta = completion(arr)
     if not allow_incomplete and (meta is None or not meta.get("complete")):
         raise IncompleteOutputError(
             f"{path} is not a complete blockbuster output (the run that writes it did not "
             "finish); rerun tile_process with resume=True to finish it")
     return arr
+
+
+def verify_output(target: OutputTarget, grid: TileGrid, manifest: dict[str, Any],
+                  has_labels: np.ndarray | None) -> None:
+    """Check what the run wrote before it may be called complete.
+
+    The output must still be there, unchanged (its shape, tile chunks and this run's marker),
+    and every tile whose core holds labels must have its chunk stored. Something else (a user,
+    a cleanup job) deleting or replacing the output during the run is caught here.
+
+    Raises
+    ------
+    IncompleteOutputError
+        What is wrong; the output is left unfinished and the work directory kept.
+    """
+    where = target.describe()
+
+    def fail(problem: str) -> IncompleteOutputError:
+        return IncompleteOutputError(
+            f"the labels written to {where} are not what this run wrote: {problem}. Was the "
+            "output moved or deleted during the run? It is left unfinished; rerun with "
+            "resume=True to redo what is missing")
+
+    try:
+        out = target.open()
+    except Exception as exc:  # missing metadata, or not an array any more
+        raise fail(f"it cannot be opened ({type(exc).__name__}: {exc})") from exc
+    meta = completion(out) or {}
+    if meta.get("params") != manifest["params"]:
+        raise fail("its blockbuster marker is missing or belongs to another run")
+    if tuple(out.shape) != grid.shape or tuple(out.chunks) != grid.tile_shape:
+        raise fail(f"its shape {out.shape} / chunks {out.chunks} are not the run's "
+                   f"{grid.shape} / {grid.tile_shape}")
+    if has_labels is None:
+        return
+    missing = missing_chunks(out, [grid.tile(int(t)).index for t in np.flatnonzero(has_labels)])
+    if missing:
+        shown = ", ".join(str(i) for i in missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise fail(f"{len(missing)} tile(s) with objects have no stored chunk ({shown})")
+
+
+def missing_chunks(arr: zarr.Array, indices: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    """The chunk indices among ``indices`` whose chunk is not stored in ``arr``'s store."""
+    from zarr.core.sync import sync
+
+    prefix = f"{arr.path}/" if arr.path else ""
+
+    async def listed() -> set[str]:
+        return {key async for key in arr.store.list_prefix(prefix)}
+
+    stored = sync(listed())
+    return [i for i in indices
+            if prefix + arr.metadata.encode_chunk_key(tuple(i)) not in stored]
 
 
 def mark_complete(out: zarr.Array, manifest: dict[str, Any], n_labels: int, *,

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import traceback
 import warnings
 from collections.abc import Callable, Sequence
@@ -40,7 +39,14 @@ from .errors import (
 )
 from .execution import active_client, run_tasks
 from .io import ImageSource, open_image
-from .output import FORMAT_VERSION, OutputTarget, completion, mark_complete, resolve_output
+from .output import (
+    FORMAT_VERSION,
+    OutputTarget,
+    completion,
+    mark_complete,
+    resolve_output,
+    verify_output,
+)
 from .progress import make_progress
 from .segmenter import Segmenter, SegmenterInfo, describe_segmenter, fn_name
 from .store import TileRecord, WorkDir, check_same_params
@@ -590,11 +596,15 @@ def tile_process(
     manifest = _manifest(source, info, grid, mode, connectivity, iou_threshold, table,
                          mask_source, skip_empty)
     manifest["engine"] = "serial" if client is None else "distributed"
+    manifest["output"] = target.describe()
     work = WorkDir(target.work_path)
-    done = _prepare_work(target, work, manifest, overwrite=overwrite, resume=resume)
-    if done is not None:
-        return done
+    _check_locations(target, work, [source.path, mask_source.path if mask_source else None])
+    locks = [lock for lock in (target.lock(), work.lock) if lock is not None]
     try:
+        done = _prepare_work(target, work, manifest, overwrite=overwrite, resume=resume,
+                             locks=locks)
+        if done is not None:
+            return done
         ctx = RunContext(source, fn, fn_name(fn), grid, mode, work.path, bool(table), retries,
                          mask=mask_source, skip_empty=skip_empty, connectivity=connectivity,
                          iou_threshold=iou_threshold)
@@ -602,7 +612,9 @@ def tile_process(
         return _run(ctx, info, target, work, manifest, engine=engine, client=client,
                     progress=progress, table=table, keep_work=keep_work)
     finally:
-        work.release_lock()
+        for lock in reversed(locks):
+            lock.release()
+        work.release_lock()  # removes the work directory when nothing is left in it
 
 
 def _previous_tiles(target: OutputTarget, tile_shape: Any) -> tuple[tuple[int, ...], ...] | None:
@@ -670,52 +682,66 @@ def _manifest(source: ImageSource, info: SegmenterInfo, grid: TileGrid, mode: st
 
 
 def _prepare_work(target: OutputTarget, work: WorkDir, manifest: dict[str, Any], *,
-                  overwrite: bool, resume: bool) -> zarr.Array | None:
-    """Decide between a fresh run, a resumed one, or refusing; take the lock.
+                  overwrite: bool, resume: bool, locks: list[Any]) -> zarr.Array | None:
+    """Decide between a fresh run, a resumed one, or refusing; take the locks.
 
-    Returns the existing output when it is already complete with the same parameters.
+    Returns the existing output when it is already complete with the same parameters. A
+    refused run leaves nothing behind (the locks are released by the caller).
     """
-    created = not work.path.exists()
-    work.acquire_lock()
-    try:
-        if work.exists() and not overwrite:
-            if not resume:
-                raise OutputExistsError(
-                    f"an unfinished run left {work.path}; pass resume=True to continue it, or "
-                    "overwrite=True to start again")
-            work.check_same_run(manifest)
-            if target.exists():
-                meta = completion(target.open())
-                if meta and meta.get("complete"):
-                    work.remove()
-                    return target.open()
-            return None
-        if target.exists() and not overwrite:
-            existing = completion(target.open())
-            if resume and existing and existing.get("complete"):
-                check_same_params(existing.get("params", {}), manifest["params"],
-                                  target.describe())
-                return target.open()
+    for lock in locks:
+        lock.acquire()
+    if work.exists() and not overwrite:
+        if not resume:
             raise OutputExistsError(
-                f"output {target.describe()} already exists; pass overwrite=True to "
-                "replace it (or choose another output)")
-        if overwrite:
-            target.remove()
-            _clear_work(work)
-        work.create(manifest)
-        return None
-    except BaseException:
-        if created:  # a refused run leaves nothing behind
+                f"an unfinished run left {work.path}; pass resume=True to continue it, or "
+                "overwrite=True to start again")
+        work.check_same_run(manifest)
+        finished = _complete_output(target, manifest)
+        if finished is not None:
             work.remove()
-        else:
-            work.release_lock()
-        raise
+        # else the output is this run's own unfinished one, or a stale one that an
+        # overwrite=True run (the one being resumed) had not replaced yet: the run goes on
+        return finished
+    if target.exists() and not overwrite:
+        existing = completion(target.open())
+        if resume and existing and existing.get("complete"):
+            check_same_params(existing.get("params", {}), manifest["params"], target.describe())
+            return target.open()
+        raise OutputExistsError(
+            f"output {target.describe()} already exists; pass overwrite=True to "
+            "replace it (or choose another output)")
+    if overwrite:
+        # The old labels go first: a run stopped before its first tile must not leave them
+        # looking like the result of the new arguments.
+        target.remove()
+        work.clear()
+    work.create(manifest)
+    return None
 
 
-def _clear_work(work: WorkDir) -> None:
-    for child in list(work.path.iterdir()) if work.path.exists() else []:
-        if child.name != "lock":
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
+def _complete_output(target: OutputTarget, manifest: dict[str, Any]) -> zarr.Array | None:
+    """The output, when it is complete and was made with exactly these parameters."""
+    if not target.exists():
+        return None
+    out = target.open()
+    meta = completion(out) or {}
+    return out if meta.get("complete") and meta.get("params") == manifest["params"] else None
+
+
+def _check_locations(target: OutputTarget, work: WorkDir, inputs: list[Path | None]) -> None:
+    """Refuse, before anything is written, an output or work directory that is not safe."""
+    work.check_usable()
+    # A run's own unfinished output may have lost its metadata (deleted during the run, then
+    # partly written again); its work directory names it, which proves it is ours to replace.
+    claimed = work.exists() and work.read_manifest().get("output") == target.describe()
+    target.check_location(inputs, claimed=claimed)
+    paths = [p for p in (*inputs, target.path) if p is not None]
+    w = work.path.resolve()
+    for path in paths:
+        p = Path(path).resolve()
+        if w == p or w.is_relative_to(p) or p.is_relative_to(w):
+            raise InputError(f"the work directory {work.path} would be inside, or hold, {path}; "
+                             "pass a work_dir outside the input and the output")
 
 
 def _run(ctx: RunContext, info: SegmenterInfo, target: OutputTarget, work: WorkDir,
@@ -740,6 +766,7 @@ def _run(ctx: RunContext, info: SegmenterInfo, target: OutputTarget, work: WorkD
         stitched = _stitch(grid, mode, work, ctx.connectivity, ctx.iou_threshold, client,
                            progress)
         out = _write_output(target, grid, work, stitched, manifest, client, progress)
+    verify_output(target, grid, manifest, stitched.has_labels)
     if table:
         from .table import write_object_table
 
@@ -879,10 +906,12 @@ def _finish_serial(ctx: RunContext, target: OutputTarget, work: WorkDir,
     grid, book = ctx.grid, ctx.book
     old, new = book.final_changes()
     n_local = np.zeros(grid.n_tiles, np.int64)
+    has_labels = np.zeros(grid.n_tiles, bool)
     finals, todo = [], []
     for t in range(grid.n_tiles):
         rec = work.load_record(t)
         n_local[t] = rec.meta["n"]
+        has_labels[t] = bool(rec.get("counts")[1:].any())
         glabels = rec.get("glabels")
         final = stitching.apply_changes(glabels, old, new)
         changed = final != glabels
@@ -899,7 +928,7 @@ def _finish_serial(ctx: RunContext, target: OutputTarget, work: WorkDir,
     target.finalize()
     offsets = np.concatenate([[0], np.cumsum(n_local + 1)[:-1]])
     final_map = np.concatenate(finals) if keep_map else np.zeros(0, np.int64)
-    return stitching.Stitched(offsets, final_map, book.n_labels, n_local)
+    return stitching.Stitched(offsets, final_map, book.n_labels, n_local, has_labels)
 
 
 def _stitch(grid: TileGrid, mode: str, work: WorkDir, connectivity: int, iou_threshold: float,
@@ -910,6 +939,7 @@ def _stitch(grid: TileGrid, mode: str, work: WorkDir, connectivity: int, iou_thr
         rec = work.load_record(t)
         n_local[t] = rec.meta["n"]
         counts.append(rec.get("counts"))
+    has_labels = np.array([c[1:].any() for c in counts], bool)
     offsets = np.concatenate([[0], np.cumsum(n_local + 1)[:-1]])
     has_core = np.concatenate(counts) > 0
     has_core[offsets] = False  # each tile's local 0 is background
@@ -927,6 +957,7 @@ def _stitch(grid: TileGrid, mode: str, work: WorkDir, connectivity: int, iou_thr
     ea = np.concatenate(edges_a) if edges_a else np.empty(0, np.int64)
     eb = np.concatenate(edges_b) if edges_b else np.empty(0, np.int64)
     stitched = stitching.solve_labels(n_local, has_core, ea, eb)
+    stitched.has_labels = has_labels
     work.save_final_map(stitched.final)
     return stitched
 

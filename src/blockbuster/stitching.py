@@ -202,6 +202,8 @@ class Stitched:
     final: np.ndarray  # final[offsets[t] + l] = final label of tile t's local label l
     n_labels: int
     n_local: np.ndarray  # number of local labels of every tile
+    #: whether each tile's core holds labels (its output chunk must exist); None: not known
+    has_labels: np.ndarray | None = None
 
     @property
     def dtype(self) -> np.dtype:

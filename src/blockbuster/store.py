@@ -12,12 +12,17 @@ Layout of ``<output>.blockbuster-work/``::
     raw.zarr        distributed engine: each tile's core labels with tile-local ids 1..n
     final.zarr      distributed engine: the stitched map tile-local id -> final label
 
-Nothing in here is needed once the output is complete; it is deleted then.
+Nothing in here is needed once the output is complete; it is deleted then. blockbuster only
+ever deletes the entries it names above (never a whole directory it did not make): a work
+directory that holds anything else is refused, and removing one deletes its known entries and
+then the directory only if it is empty.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -30,9 +35,11 @@ import numcodecs
 import numpy as np
 import zarr
 
-from .errors import OutputLockedError, ResumeMismatchError
+from .errors import OutputExistsError, OutputLockedError, ResumeMismatchError
 
-__all__ = ["TileRecord", "WorkDir", "work_dir_for", "check_same_params"]
+__all__ = ["TileRecord", "WorkDir", "RunLock", "work_dir_for", "check_same_params"]
+
+log = logging.getLogger("blockbuster")
 
 _CODEC = numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.BITSHUFFLE)
 WORK_SUFFIX = ".blockbuster-work"
@@ -110,12 +117,97 @@ class TileRecord:
         return cls(meta, path=path, header_end=len(cls.MAGIC) + 8 + size)
 
 
+class RunLock:
+    """An exclusive advisory lock (``flock``) held on a file while a run writes something.
+
+    The file is deleted when the lock is released, so a finished run leaves nothing behind. A
+    process that opened the file just before it was deleted would lock a deleted file: after
+    locking, :meth:`acquire` checks that the path still names the locked file, and retries if
+    not. (A run killed with SIGKILL leaves the file; the kernel has released its lock, and the
+    next run simply takes it.)
+    """
+
+    def __init__(self, path: Path, what: str):
+        self.path = Path(path)
+        self.what = what
+        self._file: Any = None
+        self._made_parent = False
+
+    @property
+    def held(self) -> bool:
+        return self._file is not None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        if self.held:
+            return
+        if not self.path.parent.exists():
+            self.path.parent.mkdir(parents=True)
+            self._made_parent = True
+        while True:
+            f = open(self.path, "a+")
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                f.close()
+                raise OutputLockedError(
+                    f"another blockbuster run ({holder}) is writing {self.what} right now "
+                    f"(lock {self.path}); wait for it to finish or stop it first") from None
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(f.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            f.close()  # the holder released and deleted it meanwhile: lock the new file
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}")
+        f.flush()
+        self._file = f
+
+    def release(self) -> None:
+        if self._file is None:
+            return
+        self.path.unlink(missing_ok=True)  # while still holding it (see the class docstring)
+        self._file.close()
+        self._file = None
+        if self._made_parent:  # a folder made only for the lock goes with it, if still empty
+            with contextlib.suppress(OSError):
+                self.path.parent.rmdir()
+            self._made_parent = False
+
+
+def holder_of(lock_path: Path) -> str | None:
+    """Who holds the lock on ``lock_path`` right now, or None (no lock, or nobody holds it)."""
+    import fcntl
+
+    try:
+        f = open(lock_path)
+    except OSError:
+        return None
+    with f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return f.read().strip() or "another process"
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    return None
+
+
 class WorkDir:
     """The durable state of one run (see the module docstring for the layout)."""
 
+    #: Everything a run may create in its work directory. Nothing else is ever deleted.
+    KNOWN_ENTRIES = frozenset({"manifest.json", "manifest.tmp", "lock", "tiles", "failed",
+                               "fixes", "raw.zarr", "final.zarr"})
+
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._lock_file = None
+        self.lock = RunLock(self.path / "lock", f"the work directory {self.path}")
 
     # -- paths ------------------------------------------------------------------------------
     @property
@@ -156,36 +248,57 @@ class WorkDir:
         """Refuse to resume a run that was started with different parameters."""
         check_same_params(self.read_manifest()["params"], manifest["params"], str(self.path))
 
+    def foreign_entries(self) -> list[str]:
+        """Entries of the directory that no blockbuster run makes (then it is not ours)."""
+        if not self.path.is_dir():
+            return []
+        return sorted(p.name for p in self.path.iterdir()
+                      if p.name not in self.KNOWN_ENTRIES and not _is_temporary(p.name))
+
+    def check_usable(self) -> None:
+        """Refuse a work directory that is a file, or a folder holding things we did not make."""
+        if self.path.exists() and not self.path.is_dir():
+            raise OutputExistsError(f"the work directory {self.path} is a file; pass another "
+                                    "work_dir (a new or empty folder)")
+        foreign = self.foreign_entries()
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+            raise OutputExistsError(
+                f"the work directory {self.path} holds files blockbuster did not write "
+                f"({shown}); it only keeps its state in a new or empty folder, or in one of its "
+                "own work directories. Pass another work_dir")
+
     def acquire_lock(self) -> None:
         """Hold an exclusive lock for this run; a second concurrent run is refused."""
-        import fcntl
-
-        self.path.mkdir(parents=True, exist_ok=True)
-        f = open(self.path / "lock", "a+")
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            f.close()
-            raise OutputLockedError(
-                f"another blockbuster run ({holder}) is writing this output right now "
-                f"(lock {self.path / 'lock'}); wait for it to finish or stop it first"
-            ) from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}")
-        f.flush()
-        self._lock_file = f
+        self.lock.acquire()
 
     def release_lock(self) -> None:
-        if self._lock_file is not None:
-            self._lock_file.close()
-            self._lock_file = None
+        """Release the lock; a work directory left with nothing in it is removed."""
+        self.lock.release()
+        with contextlib.suppress(OSError):
+            self.path.rmdir()  # only succeeds when empty
 
     def remove(self) -> None:
-        self.release_lock()
-        shutil.rmtree(self.path, ignore_errors=True)
+        """Delete the run's state: its known entries, then the folder if nothing else is in it."""
+        self.lock.release()
+        if not self.path.is_dir():
+            return
+        for name in self.KNOWN_ENTRIES - {"lock"}:
+            _remove_entry(self.path / name)
+        for tmp in self.path.iterdir():
+            if _is_temporary(tmp.name):
+                _remove_entry(tmp)
+        (self.path / "lock").unlink(missing_ok=True)
+        try:
+            self.path.rmdir()
+        except OSError:
+            log.warning("left %s in place: it holds files blockbuster did not write (%s)",
+                        self.path, ", ".join(self.foreign_entries()[:5]))
+
+    def clear(self) -> None:
+        """Forget the run kept here (for ``overwrite=True``), keeping the lock."""
+        for name in self.KNOWN_ENTRIES - {"lock"}:
+            _remove_entry(self.path / name)
 
     # -- tiles ------------------------------------------------------------------------------
     def record_path(self, tile_id: int) -> Path:
@@ -241,6 +354,18 @@ class WorkDir:
 
     def open_final_map(self) -> zarr.Array:
         return zarr.open_array(store=str(self.final_path), mode="r")
+
+
+def _is_temporary(name: str) -> bool:
+    """Files that :func:`TileRecord.save` and :func:`_write_json_atomic` write before renaming."""
+    return name.endswith(".tmp")
+
+
+def _remove_entry(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def check_same_params(old: dict[str, Any], new: dict[str, Any], where: str) -> None:
