@@ -290,14 +290,15 @@ def test_gpu_without_a_gpu_is_bad_input(work: Path) -> None:
 
 
 def test_locked_output_is_a_failed_run(work: Path) -> None:
-    from blockbuster.store import WorkDir, work_dir_for
+    from blockbuster.locks import RunLock
+    from blockbuster.output import output_lock_path
 
-    lock = WorkDir(work_dir_for(work / "busy.zarr"))
-    lock.acquire_lock()
+    lock = RunLock(output_lock_path(work / "busy.zarr"), "busy.zarr")
+    lock.acquire()
     try:
         result = run("segment", "img.zarr", "busy.zarr", "--tile-shape", "128,128", cwd=work)
     finally:
-        lock.release_lock()
+        lock.release()
     assert_one_line_error(result, 1, "another blockbuster run")
 
 

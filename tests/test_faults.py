@@ -23,7 +23,8 @@ from blockbuster.errors import (
     ResumeMismatchError,
     TileFailures,
 )
-from blockbuster.store import WorkDir, work_dir_for
+from blockbuster.engine.state import WorkDir
+from blockbuster.output import work_dir_for
 
 from helpers import comb_mask, same_partition
 
@@ -46,9 +47,13 @@ def image_path(tmp_path_factory) -> str:
     return str(path)
 
 
-def _child(image, output, log, point="none", n=0, resume=False) -> int:
+def _child(image, output, log, point="none", n=0, resume=False, overwrite=False, ome=False,
+           inverse=False, workers=False) -> int:
     args = [sys.executable, str(CHILD), image, str(output), str(log), point, str(n)]
-    return subprocess.run(args + (["--resume"] if resume else []), capture_output=True).returncode
+    flags = {"--resume": resume, "--overwrite": overwrite, "--ome": ome, "inverse": inverse,
+             "--workers": workers}
+    args += [flag for flag, on in flags.items() if on]
+    return subprocess.run(args, capture_output=True).returncode
 
 
 @pytest.fixture(scope="module")
@@ -67,24 +72,64 @@ def _calls(log: Path) -> int:
     ("segment", 1), ("segment", 7), ("segment", 16),
     ("chunk-write", 1), ("chunk-write", 9),
     ("record", 1), ("record", 12),
-    ("stitch", 1), ("stitch", 10),
-    ("relabel", 1), ("relabel", 5),
+    ("assign", 1), ("assign", 10),
+    ("fix", 1), ("fix", 2), ("fix-written", 1), ("fix-written", 2),
     ("finalize", 1),
+    ("cleanup", 1), ("cleanup", 2),
 ])
 def test_sigkill_then_resume_equals_uninterrupted(point, n, image_path, uninterrupted, tmp_path):
     out, log = tmp_path / "out.zarr", tmp_path / "calls"
     assert _child(image_path, out, log, point, n) == -signal.SIGKILL
     work = WorkDir(work_dir_for(out))
-    done_before = len(work.done_tiles())
-    if out.exists() and point != "finalize":
+    finished = point in ("finalize", "cleanup")  # the labels were complete when it died
+    done_before = len(work.done_tiles()) if not finished else N_TILES
+    if out.exists() and not finished:
         with pytest.raises(IncompleteOutputError):
             blockbuster.open_labels(out)  # never looks complete
+    if finished:
+        assert blockbuster.output_status(out).leftover_work  # info reports the leftover
     log.unlink(missing_ok=True)
     assert _child(image_path, out, log, resume=True) == 0
     assert _calls(log) == N_TILES - done_before  # only the unfinished tiles ran again
     assert np.array_equal(blockbuster.open_labels(out)[:], uninterrupted)
     assert not work.path.exists()
     assert Path(str(out) + ".objects.csv").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point, n", [("segment", 1), ("segment", 9), ("assign", 3)])
+def test_ome_overwrite_killed_then_resumed_gives_the_new_labels(point, n, image_path, tmp_path):
+    """An OME-Zarr overwrite killed at any moment, resumed: the new labels, never the old."""
+    from ome_zarr.writer import write_image
+
+    image = tmp_path / "img.ome.zarr"
+    write_image(zarr.open_array(image_path)[:], zarr.open_group(str(image), mode="w"),
+                axes="yx", scaler=None, storage_options={"chunks": (30, 30)})
+    labels = image / "labels" / "blockbuster"
+    log = tmp_path / "calls"
+    assert _child(str(image), labels, log, ome=True) == 0  # the old labels
+    old = blockbuster.open_labels(labels)[:]
+    assert _child(str(image), labels, log, point, n, overwrite=True, ome=True,
+                  inverse=True) == -signal.SIGKILL
+    with pytest.raises(IncompleteOutputError):
+        blockbuster.open_labels(labels)
+    assert _child(str(image), labels, log, resume=True, ome=True, inverse=True) == 0
+    new = blockbuster.open_labels(labels)[:]
+    mask = zarr.open_array(image_path)[:]
+    assert np.array_equal(new > 0, mask == 0) and not np.array_equal(new > 0, old > 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first, then", [("serial", "cluster"), ("cluster", "serial")])
+def test_sigkill_then_resume_on_another_executor(first, then, image_path, uninterrupted,
+                                                 tmp_path):
+    """A run killed on one executor, finished on the other: the labels of an uninterrupted run."""
+    out, log = tmp_path / "out.zarr", tmp_path / "calls"
+    point, n = ("segment", 9) if first == "serial" else ("assign", 6)  # assign: in the driver
+    assert _child(image_path, out, log, point, n, workers=first == "cluster") == -signal.SIGKILL
+    assert 0 < len(WorkDir(work_dir_for(out)).done_tiles()) < N_TILES
+    assert _child(image_path, out, log, resume=True, workers=then == "cluster") == 0
+    assert np.array_equal(blockbuster.open_labels(out)[:], uninterrupted)
 
 
 @pytest.mark.slow
@@ -157,7 +202,7 @@ def test_resume_with_other_arguments_is_refused(tmp_path, blobs2d):
     image[0, 0] = 7
     with pytest.raises(TileFailures):
         tile_process(image, _failing(flag, {7}), (50, 50), stitch="faces", output=out, retries=0)
-    with pytest.raises(ResumeMismatchError, match=r"tile_chunks.*was \[\[50, 50, 50\]"):
+    with pytest.raises(ResumeMismatchError, match=r"tile_chunks: \[\[50, 50, 50\], \[50, 50, 31\]\] -> \[\[40"):
         tile_process(image, _failing(flag, {7}), (40, 40), stitch="faces", output=out, resume=True)
     with pytest.raises(ResumeMismatchError, match="segmenter"):
         tile_process(image, lambda t: ndimage.label(t)[0], (50, 50), stitch="faces", output=out,
@@ -248,8 +293,9 @@ def test_local_cluster_gives_identical_labels(stitch, blobs2d, tmp_path):
 
 
 @pytest.mark.slow
-def test_serial_and_cluster_engines_agree_and_keep_to_their_own_runs(tmp_path):
-    """Objects joined after their tiles were written: both engines give whole-image labels."""
+def test_a_run_resumes_on_another_executor_to_the_same_labels(tmp_path):
+    """Objects joined after their tiles were written; a serial run finished on a cluster and a
+    cluster run finished serially give the labels of an uninterrupted run, id for id."""
     from distributed import Client
 
     from blockbuster.cluster import local_cluster
@@ -263,20 +309,24 @@ def test_serial_and_cluster_engines_agree_and_keep_to_their_own_runs(tmp_path):
             raise RuntimeError("simulated")
         return ndimage.label(tile)[0]
 
-    out = tmp_path / "serial.zarr"
+    reference = tile_process(mask, lambda t: ndimage.label(t)[0], (30, 30), stitch="faces",
+                             output=tmp_path / "reference.zarr")[:]
+    serial_first, cluster_first = tmp_path / "serial-first.zarr", tmp_path / "cluster-first.zarr"
     with pytest.raises(TileFailures):
-        tile_process(mask, segment, (30, 30), stitch="faces", output=out)
-    flag.touch()
+        tile_process(mask, segment, (30, 30), stitch="faces", output=serial_first)
     with local_cluster(2, memory_limit="2GiB") as cluster, Client(cluster) as client:
-        parallel = tile_process(mask, segment, (30, 30), stitch="faces", client=client,
-                                output=tmp_path / "parallel.zarr")[:]
-        with pytest.raises(ResumeMismatchError, match="without a dask client"):
-            tile_process(mask, segment, (30, 30), stitch="faces", output=out, resume=True,
+        with pytest.raises(TileFailures):
+            tile_process(mask, segment, (30, 30), stitch="faces", output=cluster_first,
                          client=client)
-    serial = tile_process(mask, segment, (30, 30), stitch="faces", output=out, resume=True)[:]
-    for labels in (serial, parallel):
-        assert same_partition(labels, expected)
-        assert np.array_equal(np.unique(labels), np.arange(expected.max() + 1))
+        flag.touch()
+        finished_on_cluster = tile_process(mask, segment, (30, 30), stitch="faces",
+                                           output=serial_first, resume=True, client=client)[:]
+    finished_serially = tile_process(mask, segment, (30, 30), stitch="faces",
+                                     output=cluster_first, resume=True)[:]
+    assert same_partition(reference, expected)
+    assert np.array_equal(np.unique(reference), np.arange(expected.max() + 1))
+    assert np.array_equal(finished_on_cluster, reference)
+    assert np.array_equal(finished_serially, reference)
 
 
 @pytest.mark.slow

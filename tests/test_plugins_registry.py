@@ -197,7 +197,7 @@ def test_third_party_plugin_is_found_and_configured() -> None:
 
 @pytest.mark.usefixtures("toy_dist")
 def test_third_party_plugin_runs_through_tile_process_by_name() -> None:
-    from blockbuster.runner import tile_process
+    from blockbuster.api import tile_process
 
     image = np.zeros((40, 40), np.float32)
     image[5:12, 5:30] = 1.0  # crosses tile borders

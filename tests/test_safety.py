@@ -24,8 +24,11 @@ from blockbuster.errors import (
     OutputExistsError,
     OutputLockedError,
 )
-from blockbuster.output import open_labels, output_lock_path
-from blockbuster.store import RunLock, WorkDir, work_dir_for
+from blockbuster.output import output_lock_path
+from blockbuster.status import open_labels
+from blockbuster.engine.state import WorkDir
+from blockbuster.locks import RunLock
+from blockbuster.output import work_dir_for
 
 from helpers import same_partition
 

@@ -15,7 +15,7 @@ from functools import partial
 import numpy as np, psutil, zarr
 from scipy import ndimage
 import blockbuster
-import blockbuster.runner  # the package imports lazily: load the engine before measuring
+import blockbuster.api  # the package imports lazily: load the engine before measuring
 from blockbuster.sizing import auto_tile_shape
 
 def peak_rss():

@@ -12,7 +12,7 @@ from scipy import ndimage
 
 from blockbuster import tile_process
 from blockbuster.errors import BlockbusterError, InputError, TileFailures
-from blockbuster.stitching import LabelBook, apply_changes, solve_labels
+from blockbuster.stitching import LabelBook, apply_changes
 
 from helpers import comb_mask, same_partition
 
@@ -50,16 +50,6 @@ def test_faces_is_exact_connected_components_2d(case):
 @given(tiled_masks(3))
 def test_faces_is_exact_connected_components_3d(case):
     _check_faces_equals_whole_image(case)
-
-
-def test_solve_labels_numbers_by_first_appearance_and_drops_halo_only_objects():
-    # tile 0: labels 1, 2 (2 only in the halo); tile 1: labels 1, 2; 1@t0 ~ 2@t1
-    n_local = np.array([2, 2])
-    has_core = np.array([False, True, False, False, True, True])
-    s = solve_labels(n_local, has_core, np.array([1, 2]), np.array([5, 4]))
-    assert s.n_labels == 2
-    assert s.final[1] == s.final[5] == 1
-    assert s.final[4] == 2 and s.final[2] == 0
 
 
 # -- IoU mode ------------------------------------------------------------------------------------
@@ -184,7 +174,7 @@ def test_stitch_none_keeps_every_tile_object_unique():
     assert sorted(np.unique(out)) == [1, 2, 3, 4]
 
 
-# -- the serial engine's online labelling ----------------------------------------------------------
+# -- labels handed out in grid order -------------------------------------------------------------
 def test_labels_joined_after_they_were_written_are_rewritten_consecutively(caplog):
     mask = comb_mask()
     expected = ndimage.label(mask)[0]

@@ -61,7 +61,7 @@ def test_separates_touching_nuclei(shape: tuple[int, ...], diameter: float) -> N
 
 def test_tiled_equals_untiled() -> None:
     """The global threshold and IoU stitching make the tiled result match the whole image."""
-    from blockbuster.runner import tile_process
+    from blockbuster.api import tile_process
 
     image, truth = synthetic_nuclei((192, 224), diameter=12, seed=7)
     whole = prepared(WatershedSegmenter(diameter=12), image)(image)

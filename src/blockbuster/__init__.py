@@ -1,8 +1,10 @@
 """blockbuster: segment microscopy images far larger than RAM or GPU memory.
 
-The data flow: :func:`open_image` -> plan tiles (:mod:`blockbuster.tiling`,
-:mod:`blockbuster.sizing`) -> run ``fn`` per tile -> stitch (:mod:`blockbuster.stitching`) ->
-write (:func:`tile_process` returns the written zarr array).
+The data flow: :func:`open_image` (:mod:`blockbuster.io`) -> plan the run
+(:mod:`blockbuster.plan`, :mod:`blockbuster.tiling`, :mod:`blockbuster.sizing`) -> run ``fn``
+per tile (:mod:`blockbuster.tasks`, :mod:`blockbuster.engine`) -> stitch
+(:mod:`blockbuster.stitching`) -> write (:mod:`blockbuster.output`); :func:`tile_process`
+(:mod:`blockbuster.api`) returns the written zarr array.
 
 The public names below are imported lazily (PEP 562), so ``import blockbuster`` and the command
 line start fast; the first use of, e.g., :func:`tile_process` imports dask and zarr.
@@ -25,12 +27,13 @@ from .errors import (
     TileError,
     TileFailures,
     TileSizeError,
+    WorkDirError,
 )
 
 if TYPE_CHECKING:
     from .io import ImageSource, open_image
-    from .output import open_labels
-    from .runner import tile_process
+    from .api import stitch_tiles, tile_process
+    from .status import open_labels, output_status
     from .segmenter import MemoryModel, Segmenter
     from .sizing import auto_tile_shape, auto_tile_shape_cellpose, plan_tile_shape
     from .table import read_object_table
@@ -41,8 +44,10 @@ __version__ = "0.1.0"
 _LAZY = {
     "ImageSource": "io",
     "open_image": "io",
-    "open_labels": "output",
-    "tile_process": "runner",
+    "open_labels": "status",
+    "output_status": "status",
+    "stitch_tiles": "api",
+    "tile_process": "api",
     "MemoryModel": "segmenter",
     "Segmenter": "segmenter",
     "auto_tile_shape": "sizing",
@@ -68,12 +73,15 @@ __all__ = [
     "TileFailures",
     "TileGrid",
     "TileSizeError",
+    "WorkDirError",
     "auto_tile_shape",
     "auto_tile_shape_cellpose",
     "open_image",
     "open_labels",
+    "output_status",
     "plan_tile_shape",
     "read_object_table",
+    "stitch_tiles",
     "tile_process",
 ]
 

@@ -780,7 +780,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     """``blockbuster segment``: run tile_process with the command line's options."""
     from .errors import InputError
     from .io import open_image
-    from .runner import tile_process
+    from .api import tile_process
 
     started = time.perf_counter()
     if args.job_script:
@@ -894,7 +894,7 @@ def _tiff_axes(path: Path) -> str | None:
 
 def _work_dirs(path: Path) -> list[Path]:
     """Work directories an output at ``path`` can have (as tile_process names them)."""
-    from .output import work_dirs_for
+    from .status import work_dirs_for
 
     return work_dirs_for(path)
 
@@ -919,7 +919,7 @@ def _find_output(path: Path) -> tuple[zarr.Array, dict[str, Any]] | None:
 
 def _has_run(work: Path) -> bool:
     """Whether a work directory holds a run (a refused run may leave just a lock file)."""
-    from .store import WorkDir
+    from .engine.state import WorkDir
 
     return WorkDir(work).exists()
 
@@ -944,7 +944,7 @@ def _lock_holder(work: Path) -> str | None:
 
 def _work_report(work: Path) -> list[str]:
     """Tiles done and failed in a work directory."""
-    from .store import WorkDir
+    from .engine.state import WorkDir
 
     wd = WorkDir(work)
     done, failed = wd.done_tiles(), wd.failed_tiles()
@@ -1163,7 +1163,7 @@ def _zoom_window(shape: Sequence[int], tile: Sequence[int], size: int
 def cmd_demo(args: argparse.Namespace) -> int:
     """``blockbuster demo``: synthetic nuclei -> tiled watershed -> OME-Zarr labels, table, PNGs."""
     from .data import write_synthetic_nuclei
-    from .runner import tile_process
+    from .api import tile_process
     from .sizing import format_bytes
 
     started = time.perf_counter()

@@ -1,9 +1,16 @@
 """Exceptions raised by blockbuster.
 
 Every error a user can trigger is a :class:`BlockbusterError`, so scripts can catch one type.
+
+A message names the options a user can act on with placeholders (``$overwrite``,
+``$resume``...): ``str(error)`` says them the Python way (``overwrite=True``), and
+:meth:`BlockbusterError.cli_message` the command-line way (``--overwrite``), so that each
+interface speaks its own language without rewriting the other's messages.
 """
 
 from __future__ import annotations
+
+from string import Template
 
 __all__ = [
     "BlockbusterError",
@@ -17,11 +24,53 @@ __all__ = [
     "TileSizeError",
     "IncompleteOutputError",
     "PluginNotInstalledError",
+    "WorkDirError",
+    "OPTION_WORDS",
 ]
+
+#: How messages name an option: ``$name`` -> (in Python, on the command line).
+OPTION_WORDS: dict[str, tuple[str, str]] = {
+    "overwrite": ("overwrite=True", "--overwrite"),
+    "resume": ("resume=True", "--resume"),
+    "use_gpu": ("use_gpu=True", "--gpu"),
+    "memory": ("memory=", "--memory "),
+    "tile_shape": ("tile_shape=", "--tile-shape "),
+    "overlap": ("overlap=", "--overlap "),
+    "channel_axis": ("channel_axis=", "--channel-axis "),
+    "work_dir": ("work_dir=", "--work-dir "),
+    "output": ("output=", "OUTPUT "),
+    "stitch": ("stitch=", "--stitch "),
+    "table": ("table=", "--table "),
+    "mask": ("mask=", "--mask "),
+    "label_name": ("label_name=", "--label-name "),
+    "client": ("client=", "--workers/--cluster "),
+    "retries": ("retries=", "--retries "),
+}
+
+
+def render_message(message: str, *, cli: bool) -> str:
+    """``message`` with its ``$option`` placeholders in Python or command-line wording.
+
+    Examples
+    --------
+    >>> render_message("pass $overwrite to replace it", cli=False)
+    'pass overwrite=True to replace it'
+    >>> render_message("pass $overwrite to replace it", cli=True)
+    'pass --overwrite to replace it'
+    """
+    words = {name: pair[1 if cli else 0] for name, pair in OPTION_WORDS.items()}
+    return Template(message).safe_substitute(words)
 
 
 class BlockbusterError(Exception):
     """Base class of every error blockbuster raises on purpose."""
+
+    def __str__(self) -> str:
+        return render_message(super().__str__(), cli=False)
+
+    def cli_message(self) -> str:
+        """The message in command-line wording (``--overwrite`` for ``overwrite=True``)."""
+        return render_message(super().__str__(), cli=True)
 
 
 class InputError(BlockbusterError, ValueError):
@@ -91,3 +140,7 @@ class IncompleteOutputError(BlockbusterError, RuntimeError):
 
 class PluginNotInstalledError(BlockbusterError, ImportError):
     """A segmenter needs an optional dependency that is not installed."""
+
+
+class WorkDirError(BlockbusterError, RuntimeError):
+    """The state an unfinished run left is damaged, or from another version: it cannot resume."""

@@ -23,14 +23,27 @@ from typing import Any
 import numpy as np
 import zarr
 
-from .errors import IncompleteOutputError, InputError, OutputExistsError
+from .errors import BlockbusterError, IncompleteOutputError, InputError, OutputExistsError
 from .io import ImageSource, default_output_path
-from .store import WORK_SUFFIX, RunLock, WorkDir, work_dir_for
+from .locks import RunLock
 from .tiling import TileGrid
 
-__all__ = ["OutputTarget", "resolve_output", "open_labels", "completion", "mark_complete",
-           "work_dirs_for", "is_blockbuster_output", "output_lock_path", "verify_output",
-           "missing_chunks"]
+__all__ = [
+    "WORK_SUFFIX",
+    "OutputTarget",
+    "completion",
+    "is_blockbuster_output",
+    "mark_complete",
+    "missing_chunks",
+    "ome_work_dir",
+    "output_lock_path",
+    "resolve_output",
+    "verify_output",
+    "work_dir_for",
+]
+
+#: The work directory of an output lies next to it, named after it with this suffix.
+WORK_SUFFIX = ".blockbuster-work"
 
 #: The attribute that marks what blockbuster wrote (an output array, or an OME label group).
 MARKER = "blockbuster"
@@ -99,6 +112,56 @@ class OutputTarget:
                                   standalone_path=self.path if self.ome_standalone else None)
         arr.attrs.update(attrs)
         return arr
+
+    # -- more than 2**32 - 1 objects -------------------------------------------------------
+    def _conversion_paths(self) -> tuple[Path, Path]:
+        assert self.array_path is not None
+        name = self.array_path.name
+        return (self.array_path.with_name(f".{name}.uint64-tmp"),
+                self.array_path.with_name(f".{name}.uint32-old"))
+
+    def convert_to_uint64(self, arr: zarr.Array) -> zarr.Array:
+        """Turn the uint32 output into a uint64 one with the same labels (chunk by chunk).
+
+        The copy is made beside the output and swapped in with two renames, so a crash leaves
+        either output whole (:meth:`recover_conversion` tidies up on the next start).
+        """
+        if self.path is None:
+            raise BlockbusterError("more than 4,294,967,295 objects: a uint32 output in a zarr store "
+                        "cannot be converted to uint64; write to an output path instead")
+        tmp, old = self._conversion_paths()
+        shutil.rmtree(tmp, ignore_errors=True)
+        kwargs: dict[str, Any] = {"shape": arr.shape, "chunks": arr.chunks, "dtype": np.uint64,
+                                  "fill_value": 0, "attributes": dict(arr.attrs),
+                                  "zarr_format": arr.metadata.zarr_format}
+        names = getattr(arr.metadata, "dimension_names", None)
+        if names:
+            kwargs["dimension_names"] = names
+        wide = zarr.create_array(store=str(tmp), **kwargs)
+        indices = [tuple(int(i) for i in idx) for idx in np.ndindex(*arr.cdata_shape)]
+        stored = set(indices) - set(missing_chunks(arr, indices))
+        for idx in stored:
+            region = tuple(slice(i * c, min((i + 1) * c, s))
+                           for i, c, s in zip(idx, arr.chunks, arr.shape, strict=True))
+            wide[region] = arr[region].astype(np.uint64)
+        assert self.array_path is not None
+        self.array_path.rename(old)
+        tmp.rename(self.array_path)
+        shutil.rmtree(old)
+        return self.open("r+")
+
+    def recover_conversion(self) -> None:
+        """Finish or undo a uint64 conversion that a crash interrupted."""
+        if self.path is None or self.array_path is None:
+            return
+        tmp, old = self._conversion_paths()
+        if old.exists():
+            if self.array_path.exists():
+                shutil.rmtree(old)  # the swap happened; only the cleanup was missed
+            else:
+                old.rename(self.array_path)
+        if tmp.exists():
+            shutil.rmtree(tmp)  # the copy was not swapped in: the run converts again
 
     def finalize(self) -> None:
         """Add the multiscale pyramid and NGFF metadata (OME-Zarr outputs only)."""
@@ -236,21 +299,20 @@ def is_blockbuster_output(path: str | Path) -> bool:
     return MARKER in _zarr_attrs(path) or MARKER in _zarr_attrs(path / "0")
 
 
+def work_dir_for(output: Path) -> Path:
+    """The work directory that belongs to an output path.
+
+    Examples
+    --------
+    >>> work_dir_for(Path("/data/img.labels.zarr")).as_posix()
+    '/data/img.labels.zarr.blockbuster-work'
+    """
+    return output.with_name(output.name + WORK_SUFFIX)
+
+
 def ome_work_dir(image: Path, label_name: str) -> Path:
     """Work directory of the labels ``<image>/labels/<label_name>``: next to the image."""
     return image.with_name(f"{image.name}.{label_name}{WORK_SUFFIX}")
-
-
-def work_dirs_for(path: str | Path) -> list[Path]:
-    """The work directories an output at ``path`` can have (default locations).
-
-    ``path`` is a labels array, a standalone label image, or ``<image>/labels/<name>``.
-    """
-    path = Path(path)
-    found = [work_dir_for(path)]
-    if path.parent.name == "labels":
-        found.append(ome_work_dir(path.parent.parent, path.name))
-    return found
 
 
 def resolve_output(output: Any, source: ImageSource, work_dir: Any, ome: bool | None,
@@ -301,34 +363,6 @@ def _is_label_slot(path: Path, image: Path | None) -> bool:
 def completion(arr: zarr.Array) -> dict[str, Any] | None:
     meta = arr.attrs.get("blockbuster")
     return meta if isinstance(meta, dict) else None
-
-
-def open_labels(path: str | Path, *, allow_incomplete: bool = False) -> zarr.Array:
-    """Open labels written by :func:`tile_process`, refusing an unfinished output.
-
-    ``path`` is a labels array, or an OME-Zarr label image group (its level 0 is opened).
-
-    Raises
-    ------
-    IncompleteOutputError
-        The run that writes this output has not finished (or died); resume it.
-    """
-    try:
-        node = zarr.open(store=str(path), mode="r")
-        arr = node["0"] if isinstance(node, zarr.Group) else node
-    except (FileNotFoundError, KeyError, zarr.errors.NodeNotFoundError) as exc:
-        if any(WorkDir(w).exists() for w in work_dirs_for(path)):
-            raise IncompleteOutputError(
-                f"{path} has no labels yet: the run that writes them did not finish; rerun it "
-                "with resume=True") from exc
-        raise InputError(f"no labels at {path}: it is not a zarr array or OME-Zarr label "
-                         "image") from exc
-    meta = completion(arr)
-    if not allow_incomplete and (meta is None or not meta.get("complete")):
-        raise IncompleteOutputError(
-            f"{path} is not a complete blockbuster output (the run that writes it did not "
-            "finish); rerun tile_process with resume=True to finish it")
-    return arr
 
 
 def verify_output(target: OutputTarget, grid: TileGrid, manifest: dict[str, Any],

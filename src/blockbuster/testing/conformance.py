@@ -310,7 +310,7 @@ def check_tile_process(seg: Callable, image: np.ndarray, *, channel_axis: int | 
     2-D methods on 3-D images) with the segmenter's preferred overlap, reduced where the tiles
     are too small for it. Returns the stitched labels.
     """
-    from ..runner import tile_process
+    from ..api import tile_process
 
     spatial = spatial_shape(image, channel_axis)
     if tile_shape is None:

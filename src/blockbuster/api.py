@@ -1,0 +1,325 @@
+"""The public entry points: :func:`tile_process`, and :func:`stitch_tiles` for labels in tiles.
+
+Both are thin: open the input, look up the segmenter, make the run plan
+(:mod:`blockbuster.plan`), resolve the output (:mod:`blockbuster.output`), and hand everything
+to the engine (:mod:`blockbuster.engine`), which runs the tiles on whatever executor ``client``
+names.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from .engine.executors import executor_for
+from .engine.run import check_locations, execute, manifest_for, prepare_work
+from .engine.state import WorkDir
+from .errors import InputError, OutputExistsError
+from .io import ImageSource, open_image
+from .output import OutputTarget, completion, resolve_output
+from .plan import StitchOptions, make_plan, parse_memory
+from .segmenter import MemoryModel, Segmenter, describe_segmenter
+
+__all__ = ["stitch_tiles", "tile_process"]
+
+log = logging.getLogger("blockbuster")
+
+
+def tile_process(
+    image: Any,
+    fn: Callable[[np.ndarray], np.ndarray] | Segmenter | str,
+    tile_shape: Sequence[int] | str | Callable[..., Any] | None = "auto",
+    overlap: int | Sequence[int] | None = None,
+    *,
+    output: str | Path | Any | None = None,
+    channel_axis: int | None = None,
+    stitch: str = "auto",
+    iou_threshold: float = 0.5,
+    connectivity: int = 1,
+    use_gpu: bool = False,
+    memory: int | str | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    client: Any = None,
+    progress: bool | None = None,
+    table: bool | str | Path = False,
+    retries: int = 1,
+    work_dir: str | Path | None = None,
+    keep_work: bool = False,
+    mask: Any = None,
+    skip_empty: bool = False,
+    ome: bool | None = None,
+    label_name: str = "blockbuster",
+) -> zarr.Array:
+    """Segment an image of any size tile by tile and write one seamless labelling to zarr.
+
+    Parameters
+    ----------
+    image : path, numpy.ndarray, dask.array.Array or zarr.Array
+        A zarr array (v2 or v3), an OME-Zarr image (full resolution is used), a TIFF/OME-TIFF
+        (streamed, never read whole), or an array in memory (never modified).
+    fn : callable, Segmenter or str
+        ``fn(tile) -> labels``: takes one NumPy tile with its halo (axes in the input's order;
+        the tile is its own, ``fn`` may change it) and returns integer labels of the tile's
+        spatial shape, 0 = background. A registered segmenter name (e.g. ``"watershed"``) is
+        looked up among the installed plugins.
+    tile_shape : tuple of int, "auto", callable or None
+        Core size of a tile per spatial axis (``(1, 512, 512)``: 2-D per slice;
+        ``(120, 512, 512)``: 3-D). ``"auto"`` sizes cubic tiles from free RAM (or GPU memory with
+        ``use_gpu``); a callable is called as ``tile_shape(shape, dtype)``; None uses the
+        input's own chunks.
+    overlap : int or tuple of int, optional
+        Halo added on every side of each tile, per axis. Clipped per axis to stay smaller than
+        the tile (a z-tile of 1 gets 0). Default: the segmenter's preferred overlap, else 0.
+    output : path or zarr store, optional
+        Where to write the labels: a new path, an empty folder, or an output blockbuster wrote
+        before (nothing else is ever replaced). Default: ``<input>.labels.zarr`` next to a path
+        input, ``<image>/labels/<label_name>`` for OME-Zarr input, or a temporary directory for
+        in-memory input.
+    channel_axis : int, optional
+        Axis of the input holding channels: never tiled, absent from the output.
+    stitch : {"auto", "faces", "iou", "none"}
+        How labels are joined across tile borders (see :mod:`blockbuster.stitching`). "auto":
+        the segmenter's preference, else "iou" with an overlap and "faces" without.
+    iou_threshold : float
+        For ``stitch="iou"``: merge objects whose IoU in the shared region exceeds this.
+    connectivity : int
+        For ``stitch="faces"``: 1 = faces only, up to ndim = corners too (as scipy.ndimage).
+    use_gpu : bool
+        Size ``"auto"`` tiles from free GPU memory; fails clearly when no GPU is present.
+    memory : int or str, optional
+        Memory budget for ``"auto"`` (bytes, or a string like ``"8GB"``), instead of probing
+        the machine.
+    overwrite : bool
+        Replace an existing output written by blockbuster (and any unfinished run's state).
+    resume : bool
+        Continue an unfinished run on the same output with the same arguments: finished tiles
+        are not run again. A run may be resumed on another executor (``client``).
+    client : None, distributed.Client, "active" or concurrent.futures.Executor
+        Who runs the tiles: this process, one tile at a time (None, the default); a
+        dask.distributed cluster (``"active"``: the current client); or a pool of threads of
+        this process (``fn`` must then be thread-safe). The labels are the same, id for id.
+    progress : bool, optional
+        Show progress bars; default: only on a terminal.
+    table : bool or path
+        Also compute an object table (voxel count, bounding box, centroid per label). True
+        writes ``<output>.objects.csv`` (or Parquet for a ``.parquet`` path).
+    retries : int
+        How many times a tile whose fn raised is tried again before it counts as failed.
+    work_dir : path, optional
+        Where the run keeps its state; default ``<output>.blockbuster-work`` next to the output.
+        A new or empty folder, or a work directory of blockbuster's own.
+    keep_work : bool
+        Keep the work directory after success (for debugging).
+    mask : path or array, optional
+        Foreground (tissue) mask at any resolution with the image's spatial axes, e.g. a
+        thresholded low-resolution level. Tiles with no foreground under their core are written
+        as background without calling ``fn``.
+    skip_empty : bool
+        Also skip tiles whose input is constant (e.g. zero padding around a light-sheet volume).
+    ome : bool, optional
+        Write an OME-Zarr label image (multiscale pyramid + NGFF ``image-label`` metadata) that
+        napari and other OME-Zarr readers open. Default: yes for OME-Zarr input (the labels go
+        into the image, at ``<image>/labels/<label_name>``, unless ``output`` is given) and for
+        an output path ending in ``.ome.zarr``; a plain zarr array otherwise.
+    label_name : str
+        Name of the label image inside an OME-Zarr image.
+
+    Returns
+    -------
+    zarr.Array
+        The labels, consecutive 1..N, chunked on the tile cores; uint32 (uint64 beyond
+        4,294,967,295 objects).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from scipy import ndimage
+    >>> mask = np.zeros((6, 6), np.uint8); mask[1:5, 2] = 1; mask[1, 2:5] = 1
+    >>> label = lambda tile: ndimage.label(tile)[0]
+    >>> out = tile_process(mask, label, tile_shape=(3, 3), stitch="faces")
+    >>> int(out[:].max())  # one object although it crosses four tiles
+    1
+    """
+    if overwrite and resume:
+        raise InputError("$overwrite and $resume contradict each other: resume continues an "
+                         "unfinished run, overwrite starts again; pass one of them")
+    source = open_image(image, channel_axis)
+    mask_source = _open_mask(mask)
+    fn = _resolve_fn(fn, source.channel_axis)
+    info = describe_segmenter(fn)
+    memory_bytes = parse_memory(memory)
+    executor = executor_for(_active_client(client))
+    target = resolve_output(output, source, work_dir, ome, label_name)
+    table_path = _table_path(table, target)
+    previous = _previous_tile_chunks(target, tile_shape) if resume else None
+    plan = make_plan(source, fn, info, tile_shape=tile_shape, overlap=overlap,
+                     stitch=StitchOptions(stitch, iou_threshold, connectivity), use_gpu=use_gpu,
+                     memory=memory_bytes, mask=mask_source, skip_empty=skip_empty,
+                     table=table_path is not None, retries=retries, tile_chunks=previous)
+    manifest = manifest_for(plan, target)
+    work = WorkDir(target.work_path)
+    check_locations(target, work, [source.path, mask_source.path if mask_source else None])
+    locks = [lock for lock in (target.lock(), work.lock) if lock is not None]
+    try:
+        for lock in locks:
+            lock.acquire()
+        if table_path is not None:
+            _check_table_path(table_path, overwrite=overwrite or resume)
+        done = prepare_work(target, work, manifest, overwrite=overwrite, resume=resume)
+        if done is not None:
+            return done
+        return execute(plan, target, work, manifest, executor=executor, progress=progress,
+                       table_path=table_path, keep_work=keep_work)
+    finally:
+        for lock in reversed(locks):
+            lock.release()
+        work.release_lock()  # removes the work directory when nothing is left in it
+
+
+class TileLabels(Segmenter):
+    """The "segmenter" of :func:`stitch_tiles`: each tile already holds its labels."""
+
+    name = "tile-labels"
+    preferred_stitch = "faces"
+    memory_model = MemoryModel(bytes_per_input_byte=2.0, bytes_per_voxel=8.0)
+
+    def segment(self, tile: np.ndarray) -> np.ndarray:
+        return tile
+
+
+def stitch_tiles(
+    labels: Any,
+    output: str | Path | Any | None = None,
+    *,
+    stitch: str = "faces",
+    connectivity: int = 1,
+    overwrite: bool = False,
+    resume: bool = False,
+    client: Any = None,
+    progress: bool | None = None,
+    table: bool | str | Path = False,
+    work_dir: str | Path | None = None,
+    ome: bool | None = None,
+) -> zarr.Array:
+    """Join labels made tile by tile elsewhere into one seamless labelling, out of core.
+
+    ``labels`` is an integer zarr array (path or array) whose chunks are the tiles, or a dask
+    array whose chunks are; each tile holds its own labels (ids may repeat between tiles). The
+    same stitchers and engine as :func:`tile_process` number the objects 1..N and join those
+    that touch across tile borders (``stitch="faces"``; ``"none"`` keeps every tile's objects
+    apart). Tiles without a halo cannot be matched by overlap, so ``"iou"`` is not offered.
+
+    Examples
+    --------
+    >>> import dask.array as da
+    >>> tiles = da.from_array(np.array([[1, 1, 1, 1], [0, 0, 0, 2]]), chunks=(2, 2))
+    >>> stitch_tiles(tiles)[:].tolist()  # the left tile's 1 continues in the right tile
+    [[1, 1, 1, 1], [0, 0, 0, 2]]
+    """
+    if stitch not in ("faces", "none"):
+        raise InputError(f"stitch={stitch!r}: tiles without a halo are stitched with 'faces' "
+                         "(or kept apart with 'none')")
+    source = open_image(labels)
+    if not np.issubdtype(source.dtype, np.integer):
+        raise InputError(f"stitch_tiles needs integer labels, not {source.dtype}")
+    return tile_process(source, TileLabels(), None, 0, output=output, stitch=stitch,
+                        connectivity=connectivity, overwrite=overwrite, resume=resume,
+                        client=client, progress=progress, table=table, work_dir=work_dir,
+                        ome=ome)
+
+
+# -- helpers ----------------------------------------------------------------------------------
+def _active_client(client: Any) -> Any:
+    """The given client; ``client="active"`` picks the current distributed client."""
+    if not isinstance(client, str):
+        return client
+    if client != "active":
+        raise InputError(f"client={client!r}: pass a distributed.Client, 'active', or a "
+                         "concurrent.futures.Executor")
+    from distributed import get_client
+
+    return get_client()
+
+
+def _resolve_fn(fn: Any, channel_axis: int | None) -> Callable[[np.ndarray], Any]:
+    if isinstance(fn, str):
+        from .plugins import get_segmenter
+
+        fn = get_segmenter(fn)
+    if not callable(fn):
+        raise InputError(f"fn must be a callable, a Segmenter or a registered segmenter name; "
+                         f"got {type(fn).__name__}")
+    if isinstance(fn, Segmenter):
+        fn.channel_axis = channel_axis
+    return fn
+
+
+def _open_mask(mask: Any) -> ImageSource | None:
+    return None if mask is None else open_image(mask)
+
+
+def _table_path(table: Any, target: OutputTarget) -> Path | None:
+    if table is False or table is None:
+        return None
+    if isinstance(table, (str, Path)):
+        return Path(table)
+    if table is not True:
+        raise InputError(f"table={table!r}: pass True, or a path ending in .csv or .parquet")
+    if target.is_ome and not target.ome_standalone and target.ome_image is not None:
+        base = target.ome_image.with_name(f"{target.ome_image.name}.{target.ome_name}")
+    elif target.path is not None:
+        base = target.path
+    else:
+        base = target.work_path.parent / "labels"
+    return base.with_name(base.name + ".objects.csv")
+
+
+def _check_table_path(path: Path, *, overwrite: bool) -> None:
+    """The table must be writable, and never replace a file we did not make, before any tile."""
+    import os
+
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"cannot write the object table {path}: the folder {folder} does not "
+                         "exist")
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"cannot write the object table {path}: the folder {folder} is not "
+                         "writable")
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"the object table {path} already exists; pass $overwrite to "
+                                "replace it, or another $table")
+    if path.suffix == ".parquet":
+        import importlib.util
+
+        from .errors import PluginNotInstalledError
+
+        if importlib.util.find_spec("pyarrow") is None:
+            raise PluginNotInstalledError(f"the Parquet table {path} needs pyarrow, which is not "
+                                          'installed: pip install "blockbuster[table]" (or '
+                                          "write a .csv table)")
+
+
+def _previous_tile_chunks(target: OutputTarget, tile_shape: Any,
+                          ) -> tuple[tuple[int, ...], ...] | None:
+    """On resume, "auto" and callable sizing reuse the tiles the run started with.
+
+    Free memory differs from one start to the next, so sizing again would pick other tiles and
+    the resume would be refused for a difference the user never asked for.
+    """
+    if not (isinstance(tile_shape, str) or callable(tile_shape)):
+        return None
+    params = None
+    work = WorkDir(target.work_path)
+    if work.exists():
+        params = work.read_manifest()["params"]
+    elif target.exists():
+        params = (completion(target.open()) or {}).get("params")
+    if not params or "tile_chunks" not in params:
+        return None
+    return tuple(tuple(c) for c in params["tile_chunks"])

@@ -1,0 +1,346 @@
+"""The one stitcher of a run: global labels handed out in grid order, each core written once.
+
+Tiles may finish in any order (threads, dask workers, a resume after failures). The
+:class:`Committer` receives each :class:`~blockbuster.tasks.SegmentedTile` as it finishes and
+keeps a *frontier*: the first tile in grid order that has no global labels yet. When the
+frontier tile is there, it is matched with its neighbours before it (all assigned already, read
+from their records), gets its global labels from the :class:`LabelBook`, and its core is
+written to the output with those labels: straight from memory when the tile was segmented in
+this process, else from the labels its worker kept (``raw``). A tile that finishes ahead of the
+frontier only has its record and labels saved until the frontier reaches it. So the labels are
+the same, id for id, whoever ran which tile and in whatever order they finished.
+
+At the end (:meth:`Committer.finish`), the few tiles holding labels that a later tile joined
+(a U shape closing) are rewritten, after a backup of what they held, so that the final labels
+are consecutive, 1..N.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zarr
+
+from ..errors import BlockbusterError, TileError, TileFailures
+from ..stitching import (
+    UINT32_LIMIT,
+    LabelBook,
+    LabelOverflow,
+    Stitcher,
+    TileBoundary,
+    apply_changes,
+)
+from ..tasks import SegmentedTile
+from ..tiling import Tile, TileGrid
+from .state import Entry, EntryRef, PackWriter, RunState
+
+__all__ = ["FAIL_FAST_AFTER", "Committer", "WriteJob", "write_jobs"]
+
+log = logging.getLogger("blockbuster")
+
+#: Stop early when this many tiles failed before any succeeded: the fn is broken, not the data.
+FAIL_FAST_AFTER = 3
+UINT64_LIMIT = int(np.iinfo(np.uint64).max)
+
+
+@dataclass(frozen=True)
+class WriteJob:
+    """Write a tile's core from the labels its worker kept, through its global labels."""
+
+    tile_id: int
+    raw: EntryRef
+    glabels: np.ndarray
+
+
+def write_jobs(output: zarr.Array, grid: TileGrid, work_path: Any, jobs: list[WriteJob],
+               ) -> list[int]:
+    """Write tiles from their kept labels (runs on a worker); returns their ids."""
+    from pathlib import Path
+
+    from .state import _PackReader
+
+    reader = _PackReader(Path(work_path) / "packs")
+    try:
+        for job in jobs:
+            labels = reader.entry(job.raw).get("labels")
+            output[grid.tile(job.tile_id).core] = job.glabels.astype(output.dtype)[labels]
+    finally:
+        reader.close()
+    return [job.tile_id for job in jobs]
+
+
+class Committer:
+    """Assigns global labels in grid order and writes every tile's core (see the module).
+
+    Parameters
+    ----------
+    grid, stitcher
+        The tile grid and the stitcher of the run's mode.
+    state, writer
+        The run's state (read at the start) and this process's pack writer.
+    output
+        The output array (uint32, or uint64 once more objects were found).
+    convert_to_uint64
+        Called when the labels outgrow uint32: converts the output and returns the new array.
+    remote_writes
+        Write tiles from kept labels through :class:`WriteJob` s that the executor runs (on the
+        workers that hold the data) instead of in this process.
+    """
+
+    def __init__(self, grid: TileGrid, stitcher: Stitcher, state: RunState, writer: PackWriter,
+                 output: zarr.Array, convert_to_uint64: Callable[[], zarr.Array], *,
+                 remote_writes: bool = False, on_progress: Callable[[SegmentedTile], None] |
+                 None = None):
+        self.grid = grid
+        self.stitcher = stitcher
+        self.state = state
+        self.writer = writer
+        self.output = output
+        self._convert = convert_to_uint64
+        self.remote_writes = remote_writes
+        self.on_progress = on_progress
+        self.failures: list[TileError] = []
+        self.succeeded = 0
+        self.book = self._replay()
+        self.frontier = 0
+        self._pending_jobs: list[WriteJob] = []
+        self._pending_writes: set[int] = set()
+        self._records: OrderedDict[int, Entry] = OrderedDict()
+        self._window = self._backward_window()
+        self._skip_assigned()
+
+    # -- start ------------------------------------------------------------------------------
+    def _replay(self) -> LabelBook:
+        """The labels handed out so far, rebuilt from the assigned tiles, in grid order."""
+        state = self.state
+        limit = UINT64_LIMIT if state.uint64 or self.output.dtype == np.uint64 else UINT32_LIMIT
+        book = LabelBook(max_label=limit)
+        prefix = 0
+        while prefix in state.assignment:
+            prefix += 1
+        broken = [t for t in state.assignment if t > prefix]
+        if broken:  # a hole in the assigned prefix (a damaged record): assign again from there
+            forgotten = state.forget_from(prefix)
+            log.warning("resuming from tile %d on: %d tile(s) are assigned again and %d run "
+                        "again", prefix, len(broken), len(forgotten))
+        for t in range(prefix):
+            glabels, merges = state.assigned_labels(t)
+            book.replay(glabels, merges)
+        return book
+
+    def _skip_assigned(self) -> None:
+        while self.frontier in self.state.assignment:
+            self.frontier += 1
+
+    def _backward_window(self) -> int:
+        """How far back in grid order a tile's earliest neighbour lies (record cache size)."""
+        strides = np.cumprod((1,) + self.grid.grid_shape[::-1][:-1])[::-1]
+        return int(strides.sum()) + 2
+
+    def unwritten(self) -> list[int]:
+        """Assigned tiles whose core is not in the output yet (a resumed run writes them)."""
+        return sorted(t for t in self.state.assignment if t not in self.state.written)
+
+    # -- tiles arriving ---------------------------------------------------------------------
+    def accept(self, seg: SegmentedTile) -> list[WriteJob]:
+        """Take one finished tile (in any order); returns writes for the executor to run."""
+        if seg.error is not None:
+            self._fail(seg.error)
+            return []
+        self.succeeded += 1
+        if self.on_progress is not None:
+            self.on_progress(seg)
+        if seg.tile_id == self.frontier:
+            self._commit_at_frontier(seg)
+        else:
+            self._keep(seg)
+        return self.advance()
+
+    def _fail(self, error: TileError) -> None:
+        tile_id = int(np.ravel_multi_index(error.tile_index, self.grid.grid_shape))
+        ref = self.writer.append("fail", tile_id, {"error": str(error),
+                                                   "traceback": error.traceback_text or ""})
+        self.state.note("fail", tile_id, ref, {})
+        self.failures.append(error)
+        if self.succeeded == 0 and len(self.failures) >= FAIL_FAST_AFTER:
+            raise tile_failures(self.failures, stopped_early=True)
+
+    def _keep(self, seg: SegmentedTile) -> None:
+        """A tile ahead of the frontier: save its labels and record until its turn."""
+        raw = seg.raw
+        if raw is None and seg.labels is not None:
+            raw = self.writer.append("raw", seg.tile_id, {}, {"labels": seg.labels})
+        meta: dict[str, Any] = {"n": seg.n, "skipped": seg.skipped}
+        if raw is not None:
+            meta["raw"] = raw.as_json()
+        ref = self.writer.append("seg", seg.tile_id, meta, seg.record_arrays())
+        self.state.note("seg", seg.tile_id, ref, meta)
+
+    def _commit_at_frontier(self, seg: SegmentedTile) -> None:
+        """The frontier tile, in memory: assign, write its core, then record both at once."""
+        tile = self.grid.tile(seg.tile_id)
+        boundary = seg.boundary or TileBoundary(np.zeros(1, np.int64))
+        glabels, merges = self._assign(tile, boundary)
+        meta: dict[str, Any] = {"n": seg.n, "skipped": seg.skipped, "assigned": True}
+        arrays = {**seg.record_arrays(), "glabels": glabels, "merges": merges}
+        if seg.labels is not None:
+            self.output[tile.core] = glabels.astype(self.output.dtype)[seg.labels]
+            meta["written"] = True
+        elif seg.raw is not None:
+            meta["raw"] = seg.raw.as_json()
+        else:
+            meta["written"] = True  # skipped: background, nothing to write
+        ref = self.writer.append("seg", seg.tile_id, meta, arrays)
+        self.state.note("seg", seg.tile_id, ref, meta)
+        self._remember(seg.tile_id, self.state.entry(ref))
+        self.frontier += 1
+        if seg.raw is not None:
+            self._pending_jobs.append(WriteJob(seg.tile_id, seg.raw, glabels))
+
+    def advance(self) -> list[WriteJob]:
+        """Assign every tile from the frontier on that is waiting; returns remote writes."""
+        while self.frontier < self.grid.n_tiles and self.frontier in self.state.seg \
+                and self.frontier not in self.state.assignment:
+            self._assign_kept(self.frontier)
+            self.frontier += 1
+            self._skip_assigned()
+        jobs, self._pending_jobs = self._pending_jobs, []
+        if self.remote_writes:
+            self._pending_writes.update(job.tile_id for job in jobs)
+            return jobs
+        for job in jobs:  # this process holds the labels: write them now
+            write_jobs(self.output, self.grid, self.state.work.path, [job])
+            self.written(job.tile_id)
+        return []
+
+    def _assign_kept(self, tile_id: int) -> None:
+        """Assign a tile segmented earlier, from its record; queue the write of its core."""
+        entry = self.state.record(tile_id)
+        tile = self.grid.tile(tile_id)
+        glabels, merges = self._assign(tile, _boundary(entry))
+        raw = entry.meta.get("raw")
+        written = raw is None  # a skipped tile: nothing to write
+        ref = self.writer.append("asg", tile_id, {"written": written},
+                                 {"glabels": glabels, "merges": merges})
+        self.state.note("asg", tile_id, ref, {"written": written})
+        if raw is not None:
+            self._pending_jobs.append(WriteJob(tile_id, EntryRef.from_json(raw), glabels))
+
+    def written(self, tile_id: int) -> None:
+        """A tile's core is in the output (after its ``asg`` entry)."""
+        self._pending_writes.discard(tile_id)
+        if tile_id not in self.state.written:
+            ref = self.writer.append("put", tile_id)
+            self.state.note("put", tile_id, ref, {})
+
+    def rewrite_jobs(self) -> list[WriteJob]:
+        """Writes a resumed run still owes: assigned tiles whose core never reached the output."""
+        jobs = []
+        for t in self.unwritten():
+            entry = self.state.record(t)
+            raw = entry.meta.get("raw")
+            if raw is None:
+                continue
+            glabels, _ = self.state.assigned_labels(t)
+            jobs.append(WriteJob(t, EntryRef.from_json(raw), np.asarray(glabels)))
+        if not self.remote_writes:
+            for job in jobs:
+                write_jobs(self.output, self.grid, self.state.work.path, [job])
+                self.written(job.tile_id)
+            return []
+        self._pending_writes.update(job.tile_id for job in jobs)
+        return jobs
+
+    # -- matching ---------------------------------------------------------------------------
+    def _assign(self, tile: Tile, boundary: TileBoundary) -> tuple[np.ndarray, np.ndarray]:
+        local, matched = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
+        if len(boundary.counts) > 1:
+            for other, off in self.stitcher.neighbours(tile, backward=True):
+                o_entry = self._record(other.id)
+                lo, la = self.stitcher.match(other, tile, off, _boundary(o_entry), boundary)
+                local.append(la)
+                matched.append(self._glabels(o_entry, other.id)[lo])
+        loc, mat = np.concatenate(local), np.concatenate(matched)
+        try:
+            return self.book.assign(boundary.in_core, loc, mat)
+        except LabelOverflow:
+            self._to_uint64()
+            return self.book.assign(boundary.in_core, loc, mat)
+
+    def _record(self, tile_id: int) -> Entry:
+        entry = self._records.get(tile_id)
+        if entry is None:
+            entry = self.state.record(tile_id)
+            self._remember(tile_id, entry)
+        else:
+            self._records.move_to_end(tile_id)
+        return entry
+
+    def _remember(self, tile_id: int, entry: Entry) -> None:
+        """Keep the records of the tiles a later tile can still be matched with."""
+        self._records[tile_id] = entry
+        while len(self._records) > self._window:
+            self._records.popitem(last=False)
+
+    def _glabels(self, entry: Entry, tile_id: int) -> np.ndarray:
+        if "glabels" in entry:
+            return entry.get("glabels")
+        return self.state.assigned_labels(tile_id)[0]
+
+    def _to_uint64(self) -> None:
+        if self.book.max_label >= UINT64_LIMIT:
+            raise BlockbusterError("more than 2**64 - 1 objects")
+        log.info("more than %s objects: the output becomes uint64", f"{self.book.max_label:,}")
+        self.output = self._convert()
+        ref = self.writer.append("u64", -1, sync=True)
+        self.state.note("u64", -1, ref, {})
+        self.book.max_label = UINT64_LIMIT
+
+    # -- the end ----------------------------------------------------------------------------
+    def check_done(self) -> None:
+        """Raise the failures; every tile must be assigned and written otherwise."""
+        if self.failures:
+            raise tile_failures(self.failures, stopped_early=False)
+        missing = self.grid.n_tiles - len(self.state.assignment)
+        if missing or self._pending_writes:
+            raise BlockbusterError(f"internal error: {missing} tile(s) unassigned and "
+                                   f"{len(self._pending_writes)} unwritten at the end of the run")
+
+    def final_changes(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.book.final_changes()
+
+
+def _boundary(entry: Entry) -> TileBoundary:
+    return TileBoundary(entry.get("counts"), _LazyArrays(entry, "b:"))  # type: ignore[arg-type]
+
+
+class _LazyArrays:
+    """The boundary arrays of an entry, read only when the stitcher asks for one."""
+
+    def __init__(self, entry: Entry, prefix: str):
+        self.entry = entry
+        self.prefix = prefix
+
+    def get(self, name: str) -> np.ndarray | None:
+        key = self.prefix + name
+        return self.entry.get(key) if key in self.entry else None
+
+
+def tile_failures(failures: list[TileError], stopped_early: bool) -> TileFailures:
+    """One error listing the failed tiles (the first ten), with the first traceback."""
+    listed = "\n".join(f"  - {e}" for e in failures[:10])
+    more = f"\n  ... and {len(failures) - 10} more" if len(failures) > 10 else ""
+    head = (f"stopped after the first {len(failures)} tiles all failed" if stopped_early
+            else f"{len(failures)} tile(s) failed; the other tiles are kept")
+    tail = ("\nThe output is incomplete. Fix the cause and rerun with $resume: only the "
+            "unfinished tiles run again.")
+    if failures[0].traceback_text:
+        tail += f"\nTraceback of the first failure:\n{failures[0].traceback_text}"
+    err = TileFailures(f"{head}:\n{listed}{more}{tail}", failures)
+    err.__cause__ = failures[0].__cause__
+    return err

@@ -1,0 +1,225 @@
+"""Who runs the tiles: this process, a pool of threads, or a dask.distributed cluster.
+
+An executor only decides where :func:`~blockbuster.tasks.segment_tile` runs and hands every
+finished tile to the run's :class:`~blockbuster.engine.commit.Committer`, which alone decides
+the labels. So every executor gives the same labels, and a run started on one can be resumed
+on another.
+
+* :class:`InProcess` (default): one tile at a time, in grid order, in this process (one model,
+  one GPU, easy to debug); a reader thread fetches the next tile and a store thread stores the
+  last one while ``fn`` runs.
+* :class:`ThreadPool`: a ``concurrent.futures.Executor`` of this process (``fn`` must be
+  thread-safe, e.g. a GIL-releasing function); tiles finish in any order.
+* :class:`Dask`: a ``distributed.Client``; every tile is a task, a worker keeps the labels of
+  the tiles it segmented in its own pack file, and the cores are written by tasks too, on the
+  workers. dask reruns the tasks of a worker that dies.
+"""
+
+from __future__ import annotations
+
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Executor as FuturesExecutor
+from typing import Any
+
+from ..progress import Progress
+from ..tasks import SegmentedTile, TaskContext, call_fn, read_tile, segment_tile, summarize
+from .commit import Committer, WriteJob, write_jobs
+
+__all__ = ["Dask", "Executor", "InProcess", "ThreadPool", "executor_for"]
+
+#: Write tasks go in batches of about this many per worker thread and round (on a cluster,
+#: each task costs the scheduler and this process a few milliseconds).
+WRITE_BATCHES_PER_THREAD = 4
+
+
+class Executor(ABC):
+    """Runs the segment tasks of a run and feeds their results to the committer."""
+
+    #: Whether tiles keep their labels where they ran (workers), written by remote tasks.
+    remote_writes = False
+    name = "executor"
+
+    @abstractmethod
+    def run(self, ctx: TaskContext, todo: list[int], committer: Committer,
+            progress: Progress) -> None:
+        """Segment every tile of ``todo`` and hand each to ``committer.accept``."""
+
+
+def _count(progress: Progress, seg: SegmentedTile) -> None:
+    if seg.skipped:
+        progress.skip()
+    progress.update()
+
+
+class InProcess(Executor):
+    """One tile at a time, in grid order, in this process, read ahead and stored behind.
+
+    ``fn`` runs on the calling thread. Reading (decompression, file I/O) and storing
+    (numbering, compression) mostly release the GIL, and so does a GPU or a well-behaved fn, so
+    the engine's own work hides behind fn's. At most one tile is read ahead and one is being
+    stored: memory stays near one tile.
+    """
+
+    name = "this process"
+
+    def run(self, ctx: TaskContext, todo: list[int], committer: Committer,
+            progress: Progress) -> None:
+        committer.rewrite_jobs()
+        if not todo:
+            return
+
+        def store(seg: SegmentedTile) -> None:
+            committer.accept(seg)
+            _count(progress, seg)
+
+        def summarize_and_store(tile: Any, result: Any) -> None:
+            store(summarize(ctx, tile, result))
+
+        with ThreadPoolExecutor(1, thread_name_prefix="blockbuster-read") as reader, \
+                ThreadPoolExecutor(1, thread_name_prefix="blockbuster-store") as writer:
+            ahead = reader.submit(read_tile, ctx, todo[0])
+            storing: Future[None] | None = None
+            try:
+                for i, tile_id in enumerate(todo):
+                    tile, data = ahead.result()
+                    if i + 1 < len(todo):
+                        ahead = reader.submit(read_tile, ctx, todo[i + 1])
+                    skipped = data is None
+                    result, error = (None, None) if skipped else call_fn(ctx, tile, data)
+                    del data
+                    if storing is not None:
+                        storing.result()  # in order; re-raises what the store thread raised
+                        storing = None
+                    if error is not None:  # recorded at once: fail-fast sees it before next fn
+                        committer.accept(SegmentedTile(tile_id, error=error))
+                        progress.update()
+                        continue
+                    if skipped:
+                        storing = writer.submit(store, SegmentedTile(tile_id, skipped=True))
+                    else:
+                        storing = writer.submit(summarize_and_store, tile, result)
+                    del result
+                if storing is not None:
+                    storing.result()
+            finally:
+                ahead.cancel()
+
+
+class ThreadPool(Executor):
+    """Tiles on a ``concurrent.futures.Executor`` of this process; any order."""
+
+    name = "threads"
+
+    def __init__(self, pool: FuturesExecutor, in_flight: int | None = None):
+        self.pool = pool
+        workers = getattr(pool, "_max_workers", 2)
+        #: tiles segmented but not stored at once (their labels are in memory)
+        self.in_flight = in_flight or 2 * workers
+
+    def run(self, ctx: TaskContext, todo: list[int], committer: Committer,
+            progress: Progress) -> None:
+        committer.rewrite_jobs()
+        queue = iter(todo)
+        running: set[Future[SegmentedTile]] = set()
+        try:
+            for tile_id in _take(queue, self.in_flight):
+                running.add(self.pool.submit(segment_tile, ctx, tile_id, True))
+            while running:
+                done, running = wait(running, return_when="FIRST_COMPLETED")
+                for future in sorted(done, key=lambda f: f.result().tile_id):
+                    seg = future.result()
+                    committer.accept(seg)
+                    _count(progress, seg)
+                for tile_id in _take(queue, len(done)):
+                    running.add(self.pool.submit(segment_tile, ctx, tile_id, True))
+        finally:
+            for future in running:
+                future.cancel()
+
+
+def _take(items: Iterable[int], n: int) -> list[int]:
+    out = []
+    for item in items:
+        out.append(item)
+        if len(out) >= n:
+            break
+    return out
+
+
+class Dask(Executor):
+    """Tiles as tasks on a dask.distributed cluster (see the module docstring)."""
+
+    remote_writes = True
+    name = "dask"
+
+    def __init__(self, client: Any):
+        self.client = client
+
+    def _threads(self) -> int:
+        return max(1, sum(self.client.nthreads().values()))
+
+    def run(self, ctx: TaskContext, todo: list[int], committer: Committer,
+            progress: Progress) -> None:
+        from distributed import as_completed
+
+        client = self.client
+        prefix = f"blockbuster-{uuid.uuid4().hex[:8]}"
+        # The context is a task's result rather than scattered data: if the worker holding it
+        # dies, the scheduler recomputes it instead of cancelling every tile that needs it.
+        ctx_future = client.submit(_identity, ctx, key=f"{prefix}-context", pure=False)
+        batch = max(1, min(64, len(todo) // (self._threads() * WRITE_BATCHES_PER_THREAD)))
+        futures = as_completed(with_results=True)
+        every: list[Any] = []
+        pending: list[WriteJob] = list(committer.rewrite_jobs())
+        segments_left = len(todo)
+
+        def submit_writes(force: bool) -> None:
+            while pending and (force or len(pending) >= batch):
+                group = pending[:batch]
+                del pending[:batch]
+                future = client.submit(write_jobs, committer.output, ctx.grid, ctx.work_path,
+                                       group, key=f"{prefix}-write-{group[0].tile_id}",
+                                       priority=1, pure=False)
+                every.append(future)
+                futures.add(future)
+
+        for tile_id in todo:  # earlier tiles first, so that the frontier moves early
+            future = client.submit(segment_tile, ctx_future, tile_id, False,
+                                   key=f"{prefix}-segment-{tile_id}", priority=-tile_id,
+                                   pure=False)
+            every.append(future)
+            futures.add(future)
+        submit_writes(force=segments_left == 0)
+        try:
+            for _, result in futures:
+                if isinstance(result, BaseException):  # e.g. a task cancelled by the cluster
+                    raise result
+                if isinstance(result, SegmentedTile):
+                    segments_left -= 1
+                    pending.extend(committer.accept(result))
+                    _count(progress, result)
+                else:
+                    for tile_id in result:
+                        committer.written(tile_id)
+                submit_writes(force=segments_left == 0)
+        except BaseException:
+            client.cancel(every)
+            raise
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+def executor_for(client: Any) -> Executor:
+    """The executor for ``tile_process(client=...)``: None, a dask Client or an Executor."""
+    if client is None:
+        return InProcess()
+    if isinstance(client, Executor):
+        return client
+    if isinstance(client, FuturesExecutor):
+        return ThreadPool(client)
+    return Dask(client)

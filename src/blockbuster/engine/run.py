@@ -1,0 +1,260 @@
+"""One run, start to end: take the locks, decide fresh or resumed, segment, finish, verify.
+
+The same steps whatever executes the tiles (see :mod:`blockbuster.engine.executors`):
+
+1. check the output and work locations, lock them, and decide between a fresh run, a resumed
+   one (same parameters), or refusing (:func:`prepare_work`);
+2. open the output (this run's own unfinished one, or a new one) and read the run's state;
+3. segment every tile not done yet; the committer assigns labels in grid order and writes each
+   core (:mod:`blockbuster.engine.commit`);
+4. the end pass: rewrite the tiles holding labels a later tile joined, fold the object table;
+5. verify what was written, add the OME-Zarr pyramid, mark the output complete, delete the
+   work directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from ..errors import InputError, OutputExistsError
+from ..output import (
+    FORMAT_VERSION,
+    OutputTarget,
+    completion,
+    mark_complete,
+    verify_output,
+)
+from ..plan import RunPlan
+from ..progress import make_progress
+from ..segmenter import Segmenter
+from ..stitching import apply_changes
+from ..tasks import TaskContext
+from .commit import Committer
+from .executors import Executor
+from .state import PackWriter, RunState, WorkDir, check_same_params
+
+__all__ = ["EndResult", "execute", "manifest_for", "prepare_work"]
+
+log = logging.getLogger("blockbuster")
+
+#: The end pass rewrites tiles on two threads (decompression, compression and file I/O
+#: release the GIL) while a tile's buffers are small; larger tiles go one at a time, so that
+#: a second thread's buffers never exceed what "auto" sizing reserved for one tile.
+IO_THREADS = 2
+IO_THREADS_MAX_TILE_VOXELS = 2**20
+
+
+def manifest_for(plan: RunPlan, target: OutputTarget) -> dict[str, Any]:
+    return {"format": FORMAT_VERSION, "params": plan.params(), "output": target.describe()}
+
+
+# -- 1. fresh, resumed, or refused ------------------------------------------------------------
+def check_locations(target: OutputTarget, work: WorkDir, inputs: list[Path | None]) -> None:
+    """Refuse, before anything is written, an output or work directory that is not safe."""
+    work.check_usable()
+    # A run's own unfinished output may have lost its metadata (deleted during the run, then
+    # partly written again); its work directory names it, which proves it is ours to replace.
+    claimed = False
+    if work.exists():
+        try:
+            claimed = work.read_manifest().get("output") == target.describe()
+        except InputError:
+            claimed = False
+    target.check_location(inputs, claimed=claimed)
+    paths = [p for p in (*inputs, target.path) if p is not None]
+    w = work.path.resolve()
+    for path in paths:
+        p = Path(path).resolve()
+        if w == p or w.is_relative_to(p) or p.is_relative_to(w):
+            raise InputError(f"the work directory {work.path} would be inside, or hold, {path}; "
+                             "pass a $work_dir outside the input and the output")
+
+
+def prepare_work(target: OutputTarget, work: WorkDir, manifest: dict[str, Any], *,
+                 overwrite: bool, resume: bool) -> zarr.Array | None:
+    """Decide between a fresh run, a resumed one, or refusing (the locks are held).
+
+    Returns the existing output when it is already complete with the same parameters.
+    """
+    if work.exists() and not overwrite:
+        if not resume:
+            raise OutputExistsError(
+                f"an unfinished run left {work.path}; pass $resume to continue it, or "
+                "$overwrite to start again")
+        work.check_same_run(manifest)
+        finished = complete_output(target, manifest)
+        if finished is not None:
+            work.remove()
+        # else the output is this run's own unfinished one, or a stale one that an
+        # overwrite run (the one being resumed) had not replaced yet: the run goes on
+        return finished
+    if target.exists() and not overwrite:
+        existing = completion(target.open())
+        if resume and existing and existing.get("complete"):
+            check_same_params(existing.get("params", {}), manifest["params"], target.describe())
+            work.remove()  # what a clean-up cut short left (never anything but our entries)
+            return target.open()
+        raise OutputExistsError(
+            f"output {target.describe()} already exists; pass $overwrite to "
+            "replace it (or choose another output)")
+    if overwrite:
+        # The old labels go first: a run stopped before its first tile must not leave them
+        # looking like the result of the new arguments.
+        target.remove()
+        work.clear()
+    work.create(manifest)
+    return None
+
+
+def complete_output(target: OutputTarget, manifest: dict[str, Any]) -> zarr.Array | None:
+    """The output, when it is complete and was made with exactly these parameters."""
+    if not target.exists():
+        return None
+    out = target.open()
+    meta = completion(out) or {}
+    return out if meta.get("complete") and meta.get("params") == manifest["params"] else None
+
+
+# -- 2.-5. the run ----------------------------------------------------------------------------
+@dataclass
+class EndResult:
+    """What the end pass learned: the label count, and what to verify and tabulate."""
+
+    n_labels: int
+    has_labels: np.ndarray
+    table: dict[str, np.ndarray] | None
+
+
+def execute(plan: RunPlan, target: OutputTarget, work: WorkDir, manifest: dict[str, Any], *,
+            executor: Executor, progress: bool | None, table_path: Path | None,
+            keep_work: bool) -> zarr.Array:
+    """Steps 2-5 (see the module docstring); the work directory is prepared and locked."""
+    grid = plan.grid
+    log.info("%s", plan.describe())
+    state = RunState(work, grid.n_tiles)
+    output = _open_output(target, plan, work, manifest, state)
+    if output is None:  # the earlier tiles' output is gone: all of them run again
+        state.close()
+        work.clear_tiles()
+        state = RunState(work, grid.n_tiles)
+        output = _create_output(target, plan, manifest, uint64=False)
+    writer = PackWriter(work.packs_dir, state.attempts + 1, "main")
+    try:
+        if isinstance(plan.fn, Segmenter):
+            plan.fn.prepare(plan.source)
+        committer = Committer(grid, plan.stitcher(), state, writer, output,
+                              lambda: target.convert_to_uint64(committer.output),
+                              remote_writes=executor.remote_writes)
+        todo = [t for t in range(grid.n_tiles) if t not in state.seg]
+        done = grid.n_tiles - len(todo)
+        if done:
+            log.info("resuming: %d of %d tiles already done", done, grid.n_tiles)
+        ctx = TaskContext(plan.source, plan.fn, plan.fn_label, grid, committer.stitcher,
+                          work.path, writer.attempt, table=plan.table, retries=plan.retries,
+                          mask=plan.mask, skip_empty=plan.skip_empty)
+        with make_progress(grid.n_tiles, "segmenting", progress, initial=done) as bar:
+            executor.run(ctx, todo, committer, bar)
+        committer.check_done()
+        writer.sync()
+        result = _end_pass(plan, committer, writer, progress)
+        output = committer.output
+        verify_output(target, grid, manifest, result.has_labels)
+        target.finalize()
+        if table_path is not None and result.table is not None:
+            from ..table import write_object_table
+
+            write_object_table(result.table, table_path)
+        mark_complete(output, manifest, result.n_labels,
+                      table=str(table_path) if table_path is not None else None)
+    finally:
+        writer.close()
+        state.close()
+    if not keep_work:
+        work.remove()
+    log.info("wrote %d objects to %s", result.n_labels, target.describe())
+    return output
+
+
+def _open_output(target: OutputTarget, plan: RunPlan, work: WorkDir, manifest: dict[str, Any],
+                 state: RunState) -> zarr.Array | None:
+    """This run's own unfinished output, a new one, or None when earlier tiles lost theirs."""
+    target.recover_conversion()
+    if target.exists():
+        meta = completion(target.open()) or {}
+        if meta.get("params") == manifest["params"] and not meta.get("complete"):
+            return target.open("r+")
+    if state.seg:
+        log.warning("the output of the unfinished run in %s is missing; its tiles run again",
+                    work.path)
+        return None
+    return _create_output(target, plan, manifest, uint64=state.uint64)
+
+
+def _create_output(target: OutputTarget, plan: RunPlan, manifest: dict[str, Any], *,
+                   uint64: bool) -> zarr.Array:
+    attrs = {"blockbuster": {"complete": False, "params": manifest["params"]}}
+    dtype = np.dtype(np.uint64 if uint64 else np.uint32)
+    return target.create(plan.grid.shape, plan.grid.tile_shape, dtype, attrs)
+
+
+def _end_pass(plan: RunPlan, committer: Committer, writer: PackWriter,
+              progress: bool | None) -> EndResult:
+    """One pass over the tiles' records: labels joined late are rewritten, the table folded."""
+    grid, state = plan.grid, committer.state
+    old, new = committer.final_changes()
+    has_labels = np.zeros(grid.n_tiles, bool)
+    builder = None
+    if plan.table:
+        from ..table import TableBuilder
+
+        builder = TableBuilder(committer.book.n_labels, grid.ndim)
+    todo = []
+    for t in range(grid.n_tiles):
+        entry = state.record(t)
+        counts = entry.get("counts")
+        has_labels[t] = bool(counts[1:].any())
+        glabels, _ = state.assigned_labels(t)
+        final = apply_changes(glabels, old, new)
+        if builder is not None:
+            builder.add(final, counts, entry.get_prefixed("s:"))
+        if t not in state.fixed and old.size and np.isin(glabels, old).any():
+            todo.append(t)
+    log.info("%d objects; %d tile(s) hold labels joined or moved after they were written",
+             committer.book.n_labels, len(todo))
+    threads = IO_THREADS if math.prod(grid.tile_shape) <= IO_THREADS_MAX_TILE_VOXELS else 1
+    with make_progress(len(todo), "merging", progress) as bar, \
+            ThreadPoolExecutor(threads, thread_name_prefix="blockbuster-fix") as pool:
+        for _ in pool.map(lambda t: _fix_tile(committer, writer, t, old, new), todo):
+            bar.update()
+    return EndResult(committer.book.n_labels, has_labels,
+                     builder.columns() if builder is not None else None)
+
+
+def _fix_tile(committer: Committer, writer: PackWriter, tile_id: int, old: np.ndarray,
+              new: np.ndarray) -> None:
+    """Rewrite a tile whose labels were joined or moved after it was written.
+
+    What the tile holds is backed up first (and made durable), and a retry starts from that
+    copy: the change is not idempotent (a label moved into a gap has the value an absorbed
+    label had), so a crash at any moment followed by a resume still gives the same result.
+    """
+    state, output = committer.state, committer.output
+    core = committer.grid.tile(tile_id).core
+    backup = state.backups.get(tile_id)
+    if backup is not None:
+        labels = state.entry(backup).get("labels")
+    else:
+        labels = output[core]
+        ref = writer.append("bak", tile_id, {}, {"labels": labels}, sync=True)
+        state.note("bak", tile_id, ref, {})
+    output[core] = apply_changes(np.asarray(labels), old, new)
+    ref = writer.append("fix", tile_id)
+    state.note("fix", tile_id, ref, {})

@@ -1,0 +1,269 @@
+"""The run plan: every decision made before the first tile, in one frozen object.
+
+:func:`make_plan` resolves the overlap, the tile shape (fixed, ``"auto"`` from the memory
+budget, a callable, or the input's chunks), the tile grid and the stitching mode, and checks
+them against the image. The same :class:`RunPlan` drives :func:`~blockbuster.tile_process`,
+``blockbuster info`` (what a run would do) and ``segment --dry-run``; :meth:`RunPlan.params`
+are the parameters that define the result (a resumed run must have the same ones) and
+:meth:`RunPlan.summary` is what a user reads. The planner knows no plugin: the segmenter
+arrives as a callable and its declared preferences (:class:`SegmenterInfo`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError
+from .io import ImageSource
+from .segmenter import SegmenterInfo, fn_name
+from .stitching import STITCH_MODES, Stitcher, check_mode, make_stitcher
+from .tiling import TileGrid, clip_depth, normalize_overlap
+
+__all__ = ["RunPlan", "StitchOptions", "make_plan", "parse_memory"]
+
+log = logging.getLogger("blockbuster")
+
+TileChunks = tuple[tuple[int, ...], ...]
+
+
+@dataclass(frozen=True)
+class StitchOptions:
+    """How labels are joined across tile borders (see :mod:`blockbuster.stitching`)."""
+
+    mode: str = "auto"
+    iou_threshold: float = 0.5
+    connectivity: int = 1
+
+    def check(self) -> None:
+        if self.mode != "auto" and self.mode not in STITCH_MODES:
+            raise InputError(f"unknown stitch mode {self.mode!r}; choose one of auto, "
+                             f"{', '.join(STITCH_MODES)}")
+        threshold = self.iou_threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
+                or not 0.0 <= threshold < 1.0:
+            raise InputError(f"iou_threshold={threshold!r} must be a number in [0, 1)")
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Everything decided before the first tile (see the module docstring)."""
+
+    source: ImageSource
+    fn: Callable[[np.ndarray], Any]
+    segmenter: SegmenterInfo
+    grid: TileGrid
+    stitch: StitchOptions
+    mask: ImageSource | None = None
+    skip_empty: bool = False
+    table: bool = False
+    retries: int = 1
+    #: how the tile shape was chosen (``"auto"``), for the log and ``info``
+    sizing_note: str | None = None
+    requested_overlap: tuple[int, ...] = field(default=())
+
+    @property
+    def fn_label(self) -> str:
+        return fn_name(self.fn)
+
+    def stitcher(self) -> Stitcher:
+        return make_stitcher(self.stitch.mode, self.grid, connectivity=self.stitch.connectivity,
+                             iou_threshold=self.stitch.iou_threshold)
+
+    def params(self) -> dict[str, Any]:
+        """The parameters that define the result: a resumed run must have the same."""
+        source, mode = self.source, self.stitch.mode
+        mask = self.mask
+        return {
+            "input": str(source.path.resolve()) if source.path else f"<in-memory {source.kind}>",
+            "shape": list(source.shape),
+            "dtype": source.dtype.str,
+            "channel_axis": source.channel_axis,
+            "segmenter": self.segmenter.identity,
+            "tile_chunks": [list(c) for c in self.grid.chunks],
+            "depth": list(self.grid.depth),
+            "stitch": mode,
+            "connectivity": self.stitch.connectivity if mode == "faces" else None,
+            "iou_threshold": self.stitch.iou_threshold if mode == "iou" else None,
+            "table": bool(self.table),
+            "mask": None if mask is None else (
+                str(mask.path) if mask.path else f"<in-memory {mask.shape}>"),
+            "skip_empty": bool(self.skip_empty),
+        }
+
+    def predicted_peak_bytes(self) -> int:
+        from .sizing import predict_peak_bytes
+
+        return predict_peak_bytes(self.grid.tile_shape, self.source.dtype,
+                                  overlap=self.grid.depth, channels=self.source.n_channels,
+                                  memory_model=self.segmenter.memory_model,
+                                  image_shape=self.source.spatial_shape)
+
+    def describe(self) -> str:
+        """The one line every run logs before its first tile."""
+        from .sizing import format_bytes
+
+        grid = self.grid
+        return (f"tile shape {grid.tile_shape}, overlap {grid.depth}, {grid.n_tiles} "
+                f"tile{'' if grid.n_tiles == 1 else 's'}, stitch={self.stitch.mode}, predicted "
+                f"peak memory {format_bytes(self.predicted_peak_bytes())}")
+
+    def summary(self) -> dict[str, Any]:
+        """The plan as plain data (``info --json``, ``segment --dry-run``)."""
+        grid = self.grid
+        return {
+            "input": self.params()["input"],
+            "shape": list(self.source.shape),
+            "spatial_shape": list(self.source.spatial_shape),
+            "dtype": str(self.source.dtype),
+            "channel_axis": self.source.channel_axis,
+            "segmenter": self.segmenter.identity,
+            "tile_shape": list(grid.tile_shape),
+            "grid_shape": list(grid.grid_shape),
+            "n_tiles": grid.n_tiles,
+            "overlap": list(grid.depth),
+            "stitch": self.stitch.mode,
+            "predicted_peak_bytes": self.predicted_peak_bytes(),
+            "sizing": self.sizing_note,
+        }
+
+
+def parse_memory(memory: Any) -> int | None:
+    """A memory budget in bytes from an int or a string such as ``"8GB"``.
+
+    Examples
+    --------
+    >>> parse_memory("2GiB"), parse_memory(None)
+    (2147483648, None)
+    """
+    if memory is None:
+        return None
+    if isinstance(memory, str):
+        from dask.utils import parse_bytes
+
+        try:
+            memory = parse_bytes(memory)
+        except (ValueError, TypeError) as exc:
+            raise InputError(f"memory={memory!r} is not a size; give bytes or a string such "
+                             "as '8GB'") from exc
+    if isinstance(memory, bool) or not isinstance(memory, (int, float, np.integer)) \
+            or memory <= 0:
+        raise InputError(f"memory={memory!r} must be a positive number of bytes or a string "
+                         "such as '8GB'")
+    return int(memory)
+
+
+def make_plan(
+    source: ImageSource,
+    fn: Callable[[np.ndarray], Any],
+    info: SegmenterInfo,
+    *,
+    tile_shape: Sequence[int] | str | Callable[..., Any] | None = "auto",
+    overlap: int | Sequence[int] | None = None,
+    stitch: StitchOptions | None = None,
+    use_gpu: bool = False,
+    memory: int | None = None,
+    mask: ImageSource | None = None,
+    skip_empty: bool = False,
+    table: bool = False,
+    retries: int = 1,
+    tile_chunks: TileChunks | None = None,
+) -> RunPlan:
+    """Resolve every choice of a run and check it against the image (nothing is written).
+
+    ``tile_chunks``: the tiles of the run being resumed (``"auto"`` and callable sizing are not
+    redone: free memory differs from one start to the next).
+    """
+    stitch = stitch or StitchOptions()
+    stitch.check()
+    if isinstance(retries, bool) or not isinstance(retries, (int, np.integer)) or retries < 0:
+        raise InputError(f"retries={retries!r} must be an integer >= 0")
+    if mask is not None and mask.ndim != len(source.spatial_shape):
+        raise InputError(f"mask of shape {mask.shape} must have the image's "
+                         f"{len(source.spatial_shape)} spatial axes (image "
+                         f"{source.spatial_shape})")
+    ndim = len(source.spatial_shape)
+    overlap_t = normalize_overlap(info.preferred_overlap or 0 if overlap is None else overlap,
+                                  ndim)
+    note = None
+    if tile_chunks is None:
+        tile_chunks, note = _tile_chunks(tile_shape, source, overlap_t, info, use_gpu, memory)
+    else:
+        log.info("resuming with the run's tile shape (tile_shape=%r is not sized again)",
+                 tile_shape)
+    grid = _grid(source.spatial_shape, tile_chunks, overlap_t)
+    mode = _stitch_mode(stitch.mode, info, grid)
+    check_mode(mode, grid.depth, stitch.connectivity, grid.ndim)
+    resolved = StitchOptions(mode, float(stitch.iou_threshold), stitch.connectivity)
+    return RunPlan(source, fn, info, grid, resolved, mask=mask, skip_empty=bool(skip_empty),
+                   table=bool(table), retries=int(retries), sizing_note=note,
+                   requested_overlap=overlap_t)
+
+
+def _tile_chunks(tile_shape: Any, source: ImageSource, overlap: tuple[int, ...],
+                 info: SegmenterInfo, use_gpu: bool, memory: int | None,
+                 ) -> tuple[Any, str | None]:
+    """Tile chunks (dask style) from a tuple, "auto", a callable, or None (the input's chunks)."""
+    from . import sizing
+
+    spatial = source.spatial_shape
+    if isinstance(tile_shape, str):
+        if tile_shape != "auto":
+            raise InputError(f"tile_shape={tile_shape!r}: use a tuple, 'auto' or a callable")
+        plan = sizing.plan_tile_shape(
+            spatial, source.dtype, overlap=overlap, use_gpu=use_gpu, memory=memory,
+            memory_model=info.memory_model, channels=source.n_channels,
+            chunks=source.spatial_storage_chunks, spatial_ndim=info.spatial_ndim)
+        log.info("tile_shape='auto': %s", plan.reason)
+        return plan.shape, plan.reason
+    if use_gpu:
+        sizing.available_memory(use_gpu=True)  # fail early and clearly when there is no GPU
+    if tile_shape is None:
+        if source.kind == "dask":
+            return tuple(source.array.chunks[a] for a in source.spatial_axes), None
+        if source.spatial_storage_chunks is None:
+            raise InputError("tile_shape=None uses the input's own chunks, but a NumPy array has "
+                             "none; pass a tuple or 'auto'")
+        return source.spatial_storage_chunks, None
+    if callable(tile_shape):
+        result = tile_shape(spatial, source.dtype)
+        return sizing.validate_tile_shape(result, spatial,
+                                          source=f"tile_shape callable {fn_name(tile_shape)}"), None
+    return sizing.validate_tile_shape(tile_shape, spatial), None
+
+
+def _grid(spatial: tuple[int, ...], chunks: Any, overlap: tuple[int, ...]) -> TileGrid:
+    grid = TileGrid(spatial, chunks)
+    depth = clip_depth(overlap, grid.chunks)
+    clipped = [ax for ax, (o, d) in enumerate(zip(overlap, depth, strict=True))
+               if d < o and len(grid.chunks[ax]) > 1]
+    surprising = [ax for ax in clipped if grid.tile_shape[ax] > 1]
+    if surprising:
+        warnings.warn(
+            f"overlap {overlap} reduced to {depth}: the halo must be smaller than the tile on "
+            f"every axis (tile shape {grid.tile_shape}); use larger tiles to keep the overlap",
+            UserWarning, stacklevel=4)
+    elif clipped:
+        log.info("overlap %s reduced to %s on axes with tiles one voxel deep", overlap, depth)
+    return TileGrid(spatial, grid.chunks, depth)
+
+
+def _stitch_mode(stitch: str, info: SegmenterInfo, grid: TileGrid) -> str:
+    if stitch == "auto":
+        preferred = info.preferred_stitch
+        if preferred == "iou" and not any(grid.depth):
+            preferred = "faces"
+        return preferred or ("iou" if any(grid.depth) else "faces")
+    if grid.n_tiles == 1 and stitch in STITCH_MODES:
+        return stitch if stitch != "iou" or any(grid.depth) else "faces"
+    return stitch
+
+
+def n_tiles_of(tile_chunks: TileChunks) -> int:
+    return math.prod(len(c) for c in tile_chunks)

@@ -1,0 +1,209 @@
+"""The work on one tile: read its padded region, call ``fn``, check and number the result.
+
+These functions run wherever the tile runs (this process, a thread, a dask worker) and know
+nothing of the run loop: they turn a tile id into a :class:`SegmentedTile` (labels numbered
+1..n, the record stitching needs, object statistics), or an error that names the tile.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .engine.state import EntryRef, worker_writer
+from .errors import BlockbusterError, TileError
+from .io import ImageSource
+from .stitching import Stitcher, TileBoundary, core_counts, sequential_local_labels
+from .tiling import Tile, TileGrid
+
+__all__ = ["SegmentedTile", "TaskContext", "call_fn", "read_tile", "segment_tile", "summarize"]
+
+
+@dataclass
+class TaskContext:
+    """Everything a tile task needs; pickled once per run and shipped to workers."""
+
+    source: ImageSource
+    fn: Callable[[np.ndarray], Any]
+    fn_label: str
+    grid: TileGrid
+    stitcher: Stitcher
+    work_path: Path
+    attempt: int
+    table: bool = False
+    retries: int = 1
+    mask: ImageSource | None = None
+    skip_empty: bool = False
+
+
+@dataclass
+class SegmentedTile:
+    """One tile after ``fn``: its numbered labels (or where they are kept) and its record."""
+
+    tile_id: int
+    n: int = 0
+    boundary: TileBoundary | None = None
+    stats: dict[str, np.ndarray] = field(default_factory=dict)
+    #: the core's labels with tile-local ids 1..n, while they are held in memory
+    labels: np.ndarray | None = None
+    #: where the core's labels were saved instead (a worker's pack file)
+    raw: EntryRef | None = None
+    skipped: bool = False
+    error: TileError | None = None
+
+    def record_arrays(self) -> dict[str, np.ndarray]:
+        """The arrays of the tile's ``seg`` entry."""
+        if self.boundary is None:
+            return {"counts": np.zeros(1, np.int64)}
+        arrays = {"counts": self.boundary.counts}
+        arrays.update({f"b:{k}": v for k, v in self.boundary.arrays.items()})
+        arrays.update({f"s:{k}": v for k, v in self.stats.items()})
+        return arrays
+
+    @property
+    def has_labels(self) -> bool:
+        """Whether the tile's core holds any object."""
+        return self.boundary is not None and bool(self.boundary.counts[1:].any())
+
+
+def segment_tile(ctx: TaskContext, tile_id: int, keep_labels: bool = True) -> SegmentedTile:
+    """Read, segment, check and number one tile.
+
+    With ``keep_labels=False`` (a worker process) the core's labels are saved to this process's
+    pack file in the work directory and only their place is returned.
+    """
+    tile, data = read_tile(ctx, tile_id)
+    if data is None:
+        return SegmentedTile(tile_id, skipped=True)
+    result, error = call_fn(ctx, tile, data)
+    del data
+    if error is not None:
+        return SegmentedTile(tile_id, error=error)
+    seg = summarize(ctx, tile, result)
+    if not keep_labels and seg.labels is not None:
+        writer = worker_writer(ctx.work_path, ctx.attempt)
+        seg.raw = writer.append("raw", tile_id, {}, {"labels": seg.labels})
+        seg.labels = None
+    return seg
+
+
+def read_tile(ctx: TaskContext, tile_id: int) -> tuple[Tile, np.ndarray | None]:
+    """The tile and its padded input; None for a tile to skip (no tissue, or constant).
+
+    The array is the tile's own: ``fn`` may change it in place without touching the image
+    (an in-memory input is copied, not viewed).
+    """
+    tile = ctx.grid.tile(tile_id)
+    if ctx.mask is not None and not _has_foreground(ctx.mask, tile, ctx.grid.shape):
+        return tile, None
+    data = ctx.source.read(tile.padded)
+    if not data.flags.owndata or not data.flags.writeable:
+        data = data.copy()  # a view of the caller's array (NumPy, memmap, dask on NumPy)
+    if ctx.skip_empty and data.size and data.min() == data.max():
+        return tile, None
+    return tile, data
+
+
+def _has_foreground(mask: ImageSource, tile: Tile, shape: tuple[int, ...]) -> bool:
+    """Whether the mask (at any resolution) has foreground under the tile's core."""
+    region = []
+    for core, full, small in zip(tile.core, shape, mask.spatial_shape, strict=True):
+        scale = small / full
+        lo = min(math.floor(core.start * scale), small - 1)
+        hi = max(math.ceil(core.stop * scale), lo + 1)
+        region.append(slice(lo, hi))
+    return bool(np.any(mask.read(tuple(region))))
+
+
+def call_fn(ctx: TaskContext, tile: Tile, data: np.ndarray) -> tuple[Any, TileError | None]:
+    """``fn(data)``, tried ``1 + retries`` times; the error names the tile when all fail.
+
+    The result is the caller's own: an array that ``fn`` may write again on its next call (a
+    reused buffer, a view of one) is copied, so the tile being stored is never overwritten.
+    """
+    error = None
+    for attempt in range(ctx.retries + 1):
+        try:
+            return _owned(ctx.fn(data)), None
+        except BlockbusterError:
+            raise  # a configuration problem (no GPU, missing extra...): fails every tile alike
+        except Exception as exc:  # the user's fn may raise anything; report it with the tile
+            error = TileError(
+                f"{ctx.fn_label} failed on {tile.describe()} after {attempt + 1} attempt(s): "
+                f"{type(exc).__name__}: {exc}",
+                tile_index=tile.index, region=tile.padded, fn_name=ctx.fn_label,
+                tb=traceback.format_exc(),
+            )
+            error.__cause__ = exc
+    return None, error
+
+
+def _owned(result: Any) -> Any:
+    """``result``, or a copy of it when ``fn`` may still hold and write its memory."""
+    if isinstance(result, np.ndarray) and (
+            not result.flags.owndata or sys.getrefcount(result) > _FRESH_REFCOUNT):
+        return result.copy()
+    return result
+
+
+def _refcount_of_fresh(result: Any) -> int:
+    """What :func:`_owned` counts for an array that nothing else holds (same call depth)."""
+    return sys.getrefcount(result)
+
+
+_FRESH_REFCOUNT = _refcount_of_fresh(np.zeros(1))
+
+
+def check_result(ctx: TaskContext, tile: Tile, result: Any) -> np.ndarray:
+    """The fn's result must be a non-negative integer label image of the tile's spatial shape."""
+
+    def fail(problem: str) -> TileError:
+        return TileError(f"{ctx.fn_label} returned {problem} for {tile.describe()}",
+                         tile_index=tile.index, region=tile.padded, fn_name=ctx.fn_label)
+
+    if result is None:
+        raise fail("None instead of a label image")
+    if isinstance(result, tuple):
+        raise fail(f"a tuple of {len(result)} items instead of a label image (scipy.ndimage.label "
+                   "returns (labels, count): use its first item)")
+    try:
+        labels = np.asarray(result)
+    except Exception as exc:  # anything array-like may fail to convert in its own way
+        raise fail(f"a {type(result).__name__} that is not an array ({exc})") from exc
+    if labels.shape != tile.padded_shape:
+        raise fail(f"an array of shape {labels.shape}; expected the tile's spatial shape "
+                   f"{tile.padded_shape}")
+    if labels.dtype == bool or not np.issubdtype(labels.dtype, np.integer):
+        raise fail(f"dtype {labels.dtype}; labels must be integers (0 = background). If this is "
+                   "a mask, label it first, e.g. with scipy.ndimage.label")
+    if np.issubdtype(labels.dtype, np.signedinteger) and labels.size and labels.min() < 0:
+        raise fail("negative labels; labels must be >= 0 (0 = background)")
+    return labels
+
+
+def summarize(ctx: TaskContext, tile: Tile, result: Any) -> SegmentedTile:
+    """Check fn's result, number its objects 1..n and build the tile's record."""
+    labels = check_result(ctx, tile, result)
+    stitcher = ctx.stitcher
+    if stitcher.numbers_padded:  # halo objects are kept for matching: number the padded tile
+        local, n, padded_counts = sequential_local_labels(labels)
+        core = local[tile.inner]
+        counts = core_counts(local, tile.inner, padded_counts)
+        arrays = stitcher.boundary_arrays(tile, local)
+    else:
+        core, n, counts = sequential_local_labels(labels[tile.inner])
+        arrays = stitcher.boundary_arrays(tile, core)
+    del labels, result
+    stats: dict[str, np.ndarray] = {}
+    if ctx.table:
+        from .table import tile_statistics
+
+        stats = tile_statistics(core, n, tile.core)
+    return SegmentedTile(tile.id, n, TileBoundary(counts, arrays), stats, labels=core)
