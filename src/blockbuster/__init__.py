@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import (
     BlockbusterError,
+    ClusterError,
     IncompleteOutputError,
     InputError,
     NoGPUError,
@@ -54,6 +55,7 @@ _LAZY = {
 
 __all__ = [
     "BlockbusterError",
+    "ClusterError",
     "ImageSource",
     "IncompleteOutputError",
     "InputError",

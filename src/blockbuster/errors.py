@@ -7,16 +7,17 @@ from __future__ import annotations
 
 __all__ = [
     "BlockbusterError",
+    "ClusterError",
+    "IncompleteOutputError",
     "InputError",
+    "NoGPUError",
     "OutputExistsError",
+    "OutputLockedError",
+    "PluginNotInstalledError",
+    "ResumeMismatchError",
     "TileError",
     "TileFailures",
-    "ResumeMismatchError",
-    "OutputLockedError",
-    "NoGPUError",
     "TileSizeError",
-    "IncompleteOutputError",
-    "PluginNotInstalledError",
 ]
 
 
@@ -91,3 +92,7 @@ class IncompleteOutputError(BlockbusterError, RuntimeError):
 
 class PluginNotInstalledError(BlockbusterError, ImportError):
     """A segmenter needs an optional dependency that is not installed."""
+
+
+class ClusterError(BlockbusterError, RuntimeError):
+    """The job queue refused a cluster's jobs, or its jobs kept ending before the run finished."""
