@@ -290,7 +290,8 @@ def test_a_cancelled_job_is_replaced_and_the_run_finishes(work: Path) -> None:
     subprocess.run(["scancel", job], check=True)
     code, stderr = finish(proc, log)
     assert code == 0, stderr
-    assert f"SLURM job {job} ended while the run still needs it" in stderr
+    assert re.search(rf"SLURM job {job} ended \((CANCELLED|COMPLETING)\) while the run still "
+                     "needs it", stderr), stderr
     replacement = re.search(r"submitted replacement job\(s\) (\d+)", stderr)
     assert replacement, stderr
     ran_in = {t["job"] for t in traces(work)}
@@ -363,3 +364,28 @@ def test_jobs_that_cannot_start_stop_the_run_with_a_clear_error(data: Path, tmp_
                      output=tmp_path / "out.zarr")
     assert len(keeper.replaced) == 2
     assert not queued_jobs() & set(keeper.replaced)
+
+
+def test_without_the_queues_word_a_job_whose_worker_left_is_replaced(tmp_path) -> None:
+    """How LSF and PBS jobs are kept (no squeue there): dask drops a worker that left, and the
+    keeper replaces its job."""
+    import dask
+    from distributed import Client
+
+    from blockbuster.cluster import JobKeeper, job_ids, jobqueue_cluster
+
+    with (dask.config.set({"distributed.deploy.lost-worker-timeout": "1s"}),
+          jobqueue_cluster("slurm", cores=1, memory="1GB", queue=PARTITION, jobs=1,
+                           log_directory=str(tmp_path)) as cluster,
+          Client(cluster) as client):
+        keeper = JobKeeper(cluster, interval=1)
+        keeper.kind = None  # as for a queue it cannot ask
+        with keeper:
+            client.wait_for_workers(1, timeout=RUN_TIMEOUT)
+            (job,) = job_ids(cluster)
+            subprocess.run(["scancel", job], check=True)
+            wait_until(lambda: bool(keeper.replaced), "a replacement job")
+            client.wait_for_workers(1, timeout=RUN_TIMEOUT)
+            workers = client.run(lambda: os.environ.get("SLURM_JOB_ID"))
+        assert list(workers.values()) == keeper.replaced
+        assert job not in keeper.replaced

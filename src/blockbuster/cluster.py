@@ -16,7 +16,6 @@ hands the tile tasks to a ``distributed.Client``. This module builds the usual c
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import subprocess
 import threading
@@ -213,20 +212,29 @@ def _kind(cluster: Any) -> str | None:
     return next((names[c.__name__] for c in type(cluster).__mro__ if c.__name__ in names), None)
 
 
-def _queued_job_ids(kind: str | None) -> set[str] | None:
-    """Ids of this user's jobs the queue still lists (pending or running); None if unknown.
+#: SLURM job states of a job that is over or on its way out (squeue --states=all).
+SLURM_ENDED = frozenset({"BOOT_FAIL", "CANCELLED", "COMPLETED", "COMPLETING", "DEADLINE", "FAILED",
+                         "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "TIMEOUT"})
 
-    Only SLURM is asked (``squeue``); for the other queues a job counts as ended when its
-    worker has left the scheduler (see :class:`JobKeeper`).
+
+def _ended_jobs(kind: str | None, ids: list[str]) -> dict[str, str] | None:
+    """The jobs among ``ids`` that the queue reports as ended, with their state.
+
+    Only SLURM is asked (``squeue``, which keeps ended jobs for a few minutes); a job it does
+    not report is not taken as ended (e.g. one submitted to another cluster with ``-M``). None
+    when the queue cannot say (another queue, or the controller did not answer): then a job
+    counts as ended when its worker has left the scheduler (see :class:`JobKeeper`).
     """
-    if kind != "slurm":
+    if kind != "slurm" or not ids:
         return None
     try:
-        out = subprocess.run(["squeue", "--noheader", "--format=%i", f"--user={os.getuid()}"],
+        out = subprocess.run(["squeue", "--noheader", "--format=%i %T", "--states=all",
+                              f"--jobs={','.join(ids)}"],
                              capture_output=True, text=True, timeout=60, check=True).stdout
-    except (OSError, subprocess.SubprocessError):  # the controller is busy: ask next time
+    except (OSError, subprocess.SubprocessError):  # none of them known, or a busy controller
         return None
-    return {line.strip() for line in out.splitlines() if line.strip()}
+    states = dict(line.split()[:2] for line in out.splitlines() if len(line.split()) >= 2)
+    return {job: state for job, state in states.items() if state in SLURM_ENDED}
 
 
 class JobKeeper:
@@ -235,9 +243,9 @@ class JobKeeper:
     dask-jobqueue submits each job once. A job that ends before the run does (cancelled with
     ``scancel``, killed at its wall time, lost with its node) is not replaced, and when the last
     one is gone the run waits for workers forever. Inside ``with JobKeeper(cluster):`` the jobs
-    are checked every ``interval`` seconds (SLURM: ``squeue``; LSF and PBS: a job ended when its
-    worker left the scheduler and dask dropped it, ~15 s later) and each job that ended is
-    replaced by a new one; dask reruns the tiles its worker held.
+    are checked every ``interval`` seconds (SLURM: the job's state in ``squeue``; LSF and PBS: a
+    job ended when its worker left the scheduler and dask dropped it, ~15 s later) and each job
+    that ended is replaced by a new one; dask reruns the tiles its worker held.
 
     Jobs that end young point at a broken set-up rather than bad luck (workers that cannot start,
     a partition that kills them): after more than ``max_early_ends`` jobs ended before their
@@ -272,6 +280,7 @@ class JobKeeper:
         #: Why the keeper gave up (None while it keeps the jobs).
         self.failure: str | None = None
         self._up_since: dict[str, float] = {}
+        self._tracked: set[str] = set()  # jobs seen submitted (dask holds them in .workers)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="blockbuster-jobs", daemon=True)
         self._owner: int | None = None
@@ -279,6 +288,8 @@ class JobKeeper:
     def __enter__(self) -> Self:
         if threading.current_thread() is threading.main_thread():
             self._owner = threading.get_ident()
+        jobs = self.cluster.sync(self._jobs)
+        self._tracked.update(name for name, (_, tracked, _) in jobs.items() if tracked)
         self._thread.start()
         return self
 
@@ -314,34 +325,40 @@ class JobKeeper:
         """
         now = time.monotonic()
         jobs = self.cluster.sync(self._jobs)
-        queued = _queued_job_ids(self.kind)
+        states = _ended_jobs(self.kind, [job_id for job_id, _, _ in jobs.values() if job_id])
         ended = []
         for name, (job_id, tracked, connected) in jobs.items():
             if connected:
                 self._up_since.setdefault(name, now)
-            left_the_queue = queued is not None and job_id is not None and job_id not in queued
-            dropped_by_dask = not tracked and name in self._up_since
-            if left_the_queue or dropped_by_dask:
-                ended.append((name, job_id))
+            if tracked:
+                self._tracked.add(name)
+            state = (states or {}).get(job_id or "")
+            if state is None and not tracked and name in self._tracked:
+                # Still wanted, no longer tracked: dask dropped the job after its worker left
+                # (lost-worker-timeout, 15 s; checks come sooner, so none is missed).
+                state = "its worker left"
+            if state is not None:
+                ended.append((name, job_id, state))
         if not ended:
             return []
-        for name, job_id in ended:
+        for name, job_id, state in ended:
+            self._tracked.discard(name)
             since = self._up_since.pop(name, None)
             young = since is None or now - since < self.min_uptime
             self.early_ends += young
-            log.warning("%s job %s ended while the run still needs it (%s): cancelled, its "
-                        "wall time, a lost node or a worker that could not start; its output "
-                        "file says which", (self.kind or "cluster").upper(), job_id or name,
+            log.warning("%s job %s ended (%s) while the run still needs it; %s. Its output "
+                        "file says why", (self.kind or "cluster").upper(), job_id or name, state,
                         "its worker never came up" if since is None
                         else f"its worker had been up about {now - since:.0f} s")
         if self.early_ends > self.max_early_ends:
             raise ClusterError(
                 f"{self.early_ends} {(self.kind or 'cluster').upper()} jobs ended within "
-                f"{self.min_uptime:.0f} s of starting (the last: job {ended[-1][1]}); the "
+                f"{self.min_uptime:.0f} s of starting (the last: job {ended[-1][1]}, "
+                f"{ended[-1][2]}); the "
                 "workers cannot run there: read a job's output file (slurm-<id>.out for "
                 "SLURM), fix the cause, then resume the run (--resume, resume=True)")
         try:
-            new = self.cluster.sync(self._replace, [name for name, _ in ended])
+            new = self.cluster.sync(self._replace, [name for name, _, _ in ended])
         except (RuntimeError, OSError) as exc:
             raise ClusterError(_refusal(self.cluster, exc) + "; resume the run (--resume, "
                                "resume=True) when the queue takes jobs again") from None
@@ -372,8 +389,10 @@ class JobKeeper:
                 await job.close()
         before = set(cluster.workers)
         await _grow(cluster, self.jobs)
-        return [job.job_id for name, job in cluster.workers.items()
-                if name not in before and getattr(job, "job_id", None)]
+        new = [name for name in cluster.workers if name not in before]
+        self._tracked.update(str(name) for name in new)
+        return [cluster.workers[name].job_id for name in new
+                if getattr(cluster.workers[name], "job_id", None)]
 
     def _give_up(self, message: str) -> None:
         self.failure = message
