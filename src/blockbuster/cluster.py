@@ -151,7 +151,6 @@ def submit_jobs(cluster: Any, jobs: int) -> list[str]:
     ClusterError
         The submit command failed; the message carries its error output.
     """
-
     try:
         cluster.sync(_grow, cluster, jobs)
     except (RuntimeError, OSError) as exc:  # dask-jobqueue: "Command exited with non-zero..."
