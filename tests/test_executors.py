@@ -142,3 +142,39 @@ def test_a_segmenter_that_edits_its_tile_in_place(blobs2d):
     assert np.array_equal(image, before)
     reference = tile_process(image, label, (50, 50), 8, stitch="iou", progress=False)[:]
     assert np.array_equal(out, reference)
+
+
+class AlwaysDies:
+    """Kills every worker that runs the tile whose first voxel is 7."""
+
+    def __call__(self, tile):
+        import os
+
+        if tile.flat[0] == 7:
+            os._exit(1)
+        return label(tile)
+
+
+@pytest.mark.slow
+def test_a_tile_that_kills_every_worker_is_a_failed_tile_not_a_crash(blobs2d, tmp_path):
+    from distributed import Client
+
+    from blockbuster.cluster import local_cluster
+    from blockbuster.errors import TileFailures
+
+    image = blobs2d.astype(np.uint8)
+    image[50, 50] = 7  # the first voxel of tile (1, 1)
+    with local_cluster(2, memory_limit="2GiB") as cluster, Client(cluster) as client:
+        import dask
+
+        with dask.config.set({"distributed.scheduler.allowed-failures": 1}), \
+                pytest.raises(TileFailures, match="KilledWorker") as exc:
+            tile_process(image, AlwaysDies(), (50, 50), stitch="faces", client=client,
+                         output=tmp_path / "o.zarr")
+    # tiles that shared a dying worker may be given up too (dask's rule); the others are kept
+    assert (1, 1) in [e.tile_index for e in exc.value.failures]
+    assert len(exc.value.failures) < 9
+    image[50, 50] = 1  # "fixed"; the same fn finishes the run, in this process
+    out = tile_process(image, AlwaysDies(), (50, 50), stitch="faces", output=tmp_path / "o.zarr",
+                       resume=True)
+    assert same_partition(out[:], ndimage.label(image > 0)[0])

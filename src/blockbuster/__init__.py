@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import (
     BlockbusterError,
+    ClusterError,
     IncompleteOutputError,
     InputError,
     NoGPUError,
@@ -59,6 +60,7 @@ _LAZY = {
 
 __all__ = [
     "BlockbusterError",
+    "ClusterError",
     "ImageSource",
     "IncompleteOutputError",
     "InputError",

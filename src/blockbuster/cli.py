@@ -7,10 +7,12 @@ Exit codes (the same for every command):
 
 * 0 -- success.
 * 1 -- the run failed: tiles failed (the output is kept incomplete, ``--resume`` redoes them),
-  another run is writing the same output, or an unexpected internal error.
+  another run is writing the same output, the job queue refused ``--cluster``'s jobs or they
+  kept ending at start, or an unexpected internal error.
 * 2 -- bad input: arguments, paths, tile shapes, unknown methods, an existing output without
   ``--overwrite``, a ``--resume`` with other arguments, a missing optional dependency.
-* 130 -- interrupted (Ctrl-C); an interrupted ``segment`` can be finished with ``--resume``.
+* 130 -- interrupted (Ctrl-C, or SIGTERM during a ``--workers``/``--cluster`` run); an
+  interrupted ``segment`` can be finished with ``--resume``.
 
 Errors are one line on stderr; ``--verbose`` adds the traceback. Progress and INFO messages go
 to stderr (``--quiet`` silences them); results (summaries, ``info`` reports) go to stdout.
@@ -511,11 +513,11 @@ def exit_code_for(exc: BaseException) -> int:
     >>> exit_code_for(TileError("tile (0, 1) failed")), exit_code_for(KeyError("bug"))
     (1, 1)
     """
-    from .errors import BlockbusterError, OutputLockedError, TileError
+    from .errors import BlockbusterError, ClusterError, OutputLockedError, TileError
 
     if isinstance(exc, KeyboardInterrupt):
         return EXIT_INTERRUPTED
-    if isinstance(exc, (TileError, OutputLockedError)):
+    if isinstance(exc, (TileError, OutputLockedError, ClusterError)):
         return EXIT_FAILED  # the input was fine; the run did not finish
     if isinstance(exc, (BlockbusterError, OSError, ValueError)):
         return EXIT_USAGE
@@ -727,13 +729,43 @@ def _execution(args: argparse.Namespace) -> Iterator[_Execution]:
         _check_submit_command(args.cluster)
         running = _job_cluster(args, jobs=args.jobs or 1)
         memory = _job_tile_budget(args) if args.tile_shape == "auto" else args.memory
-        log.info("submitted %d %s job(s); tiles start when the jobs do", args.jobs or 1,
-                 args.cluster.upper())
+        ids = clusters.job_ids(running)
+        log.info("submitted %d %s job(s) %s; tiles start when the jobs do", len(ids),
+                 args.cluster.upper(), ", ".join(ids))
     try:
-        with Client(running) as client:
-            yield _Execution(client, memory)
+        with _terminate_like_interrupt(), Client(running) as client:
+            if args.cluster is None:
+                yield _Execution(client, memory)
+            else:
+                with clusters.JobKeeper(running):  # replaces jobs that end before the run
+                    yield _Execution(client, memory)
     finally:
-        running.close()
+        running.close()  # cancels the jobs still queued or running
+
+
+@contextlib.contextmanager
+def _terminate_like_interrupt() -> Iterator[None]:
+    """SIGTERM stops the run like Ctrl-C while workers run for it.
+
+    Python's default SIGTERM exits at once, so the worker jobs of a run killed that way (kill,
+    a driver job's wall time) stay in the queue until their workers time out. As an interrupt,
+    the cluster is closed on the way out (its jobs cancelled) and ``--resume`` continues.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _ram_share(n_workers: int) -> int:

@@ -7,16 +7,31 @@ hands the tile tasks to a ``distributed.Client``. This module builds the usual c
   worker). With ``gpus=[0, 1]`` each worker is pinned to its own GPU through
   ``CUDA_VISIBLE_DEVICES``, set in the worker's environment before anything touches CUDA.
 * :func:`jobqueue_cluster` -- SLURM, LSF or PBS jobs through dask-jobqueue
-  (``pip install "blockbuster[cluster]"``).
+  (``pip install "blockbuster[cluster]"``), submitted before it returns (a refused submission
+  raises :class:`~blockbuster.errors.ClusterError` with the queue's message).
+* :class:`JobKeeper` -- replaces the jobs that end while a run still needs them (cancelled,
+  killed at their wall time, lost with their node): dask-jobqueue submits each job once.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+import signal
+import subprocess
+import threading
+import time
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
-from .errors import InputError, PluginNotInstalledError
+from .errors import ClusterError, InputError, PluginNotInstalledError
 
-__all__ = ["local_cluster", "jobqueue_cluster", "gpu_worker_specs", "CLUSTER_KINDS"]
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+__all__ = ["CLUSTER_KINDS", "JobKeeper", "gpu_worker_specs", "job_ids", "jobqueue_cluster",
+           "local_cluster", "submit_jobs"]
+
+log = logging.getLogger("blockbuster")
 
 CLUSTER_KINDS = {"slurm": "SLURMCluster", "lsf": "LSFCluster", "pbs": "PBSCluster"}
 
@@ -75,10 +90,18 @@ def jobqueue_cluster(kind: str, *, cores: int = 1, memory: str = "16GB", process
                      account: str | None = None, gpus_per_job: int = 0, jobs: int = 1,
                      job_extra_directives: list[str] | None = None,
                      job_script_prologue: list[str] | None = None, **kwargs: Any) -> Any:
-    """A dask-jobqueue cluster for SLURM, LSF or PBS, scaled to ``jobs`` jobs.
+    """A dask-jobqueue cluster for SLURM, LSF or PBS, with ``jobs`` jobs submitted.
 
     ``gpus_per_job`` adds the scheduler's GPU request (``--gres=gpu:N`` for SLURM). Call
-    ``cluster.job_script()`` to see exactly what would be submitted.
+    ``cluster.job_script()`` to see exactly what is submitted. The jobs run the worker with
+    this interpreter (``sys.executable``, dask-jobqueue's default) and inherit this process's
+    environment (SLURM's default ``--export=ALL``), so they import the same blockbuster.
+
+    Raises
+    ------
+    ClusterError
+        The queue refused a job (unknown partition or account, a GPU request the queue cannot
+        meet, a limit): the message is the submit command's.
     """
     kind = kind.lower()
     if kind not in CLUSTER_KINDS:
@@ -103,5 +126,276 @@ def jobqueue_cluster(kind: str, *, cores: int = 1, memory: str = "16GB", process
     cls = getattr(dask_jobqueue, CLUSTER_KINDS[kind])
     cluster = cls(**options)
     if jobs:
-        cluster.scale(jobs=jobs)
+        try:
+            submit_jobs(cluster, jobs)
+        except BaseException:
+            cluster.close()
+            raise
     return cluster
+
+
+# -- jobs -------------------------------------------------------------------------------------
+def submit_jobs(cluster: Any, jobs: int) -> list[str]:
+    """Scale a dask-jobqueue cluster to ``jobs`` jobs, submitting the missing ones now.
+
+    ``cluster.scale`` alone submits in the background, where a refused submission only prints a
+    traceback and the run then waits for workers forever.
+
+    Returns
+    -------
+    list of str
+        The ids of all the cluster's jobs.
+
+    Raises
+    ------
+    ClusterError
+        The submit command failed; the message carries its error output.
+    """
+    try:
+        cluster.sync(_grow, cluster, jobs)
+    except (RuntimeError, OSError) as exc:  # dask-jobqueue: "Command exited with non-zero..."
+        raise ClusterError(_refusal(cluster, exc)) from None
+    return job_ids(cluster)
+
+
+async def _grow(cluster: Any, jobs: int) -> None:
+    """Add job specs up to ``jobs`` and submit them, on the cluster's loop.
+
+    What ``SpecCluster.scale`` does when growing, except that the submissions are awaited here
+    (scale() leaves them to a callback that only logs their errors). A job the queue refused is
+    forgotten, so that closing the cluster does not trip over it.
+    """
+    from distributed.core import Status
+
+    while len(cluster.worker_spec) < jobs:
+        cluster.worker_spec.update(cluster.new_worker_spec())
+    try:
+        await cluster._correct_state()
+    except BaseException:
+        for name, job in list(cluster.workers.items()):
+            if not getattr(job, "job_id", None):
+                job.status = Status.failed
+                del cluster.workers[name]
+                cluster.worker_spec.pop(name, None)
+        raise
+
+
+def job_ids(cluster: Any) -> list[str]:
+    """The queue's ids of a dask-jobqueue cluster's submitted jobs, in submission order."""
+
+    async def read() -> list[str]:
+        jobs = [cluster.workers.get(name) for name in cluster.worker_spec]  # in creation order
+        return [job.job_id for job in jobs if getattr(job, "job_id", None)]
+
+    return list(cluster.sync(read))
+
+
+def _submit_command(cluster: Any) -> str:
+    return str(getattr(getattr(cluster, "job_cls", None), "submit_command", "the job queue"))
+
+
+def _refusal(cluster: Any, exc: BaseException) -> str:
+    """One line: the submit command and what it printed on stderr."""
+    text = str(exc)
+    said = text.split("stderr:", 1)[1] if "stderr:" in text else text
+    command = _submit_command(cluster)
+    lines = [line.strip().removeprefix(f"{command}: error: ") for line in said.splitlines()
+             if line.strip()]
+    return (f"{command} refused the job: {'; '.join(lines) or type(exc).__name__}"
+            " (check --queue, --account, --memory, --walltime and --gpus-per-job against what "
+            "the cluster offers)")
+
+
+def _kind(cluster: Any) -> str | None:
+    names = {cls: kind for kind, cls in CLUSTER_KINDS.items()}
+    return next((names[c.__name__] for c in type(cluster).__mro__ if c.__name__ in names), None)
+
+
+#: SLURM job states of a job that is over or on its way out (squeue --states=all).
+SLURM_ENDED = frozenset({"BOOT_FAIL", "CANCELLED", "COMPLETED", "COMPLETING", "DEADLINE", "FAILED",
+                         "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "TIMEOUT"})
+
+
+def _ended_jobs(kind: str | None, ids: list[str]) -> dict[str, str] | None:
+    """The jobs among ``ids`` that the queue reports as ended, with their state.
+
+    Only SLURM is asked (``squeue``, which keeps ended jobs for a few minutes); a job it does
+    not report is not taken as ended (e.g. one submitted to another cluster with ``-M``). None
+    when the queue cannot say (another queue, or the controller did not answer): then a job
+    counts as ended when its worker has left the scheduler (see :class:`JobKeeper`).
+    """
+    if kind != "slurm" or not ids:
+        return None
+    try:
+        out = subprocess.run(["squeue", "--noheader", "--format=%i %T", "--states=all",
+                              f"--jobs={','.join(ids)}"],
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError):  # none of them known, or a busy controller
+        return None
+    states = dict(line.split()[:2] for line in out.splitlines() if len(line.split()) >= 2)
+    return {job: state for job, state in states.items() if state in SLURM_ENDED}
+
+
+class JobKeeper:
+    """Keep a dask-jobqueue cluster at its number of jobs while a run needs them.
+
+    dask-jobqueue submits each job once. A job that ends before the run does (cancelled with
+    ``scancel``, killed at its wall time, lost with its node) is not replaced, and when the last
+    one is gone the run waits for workers forever. Inside ``with JobKeeper(cluster):`` the jobs
+    are checked every ``interval`` seconds (SLURM: the job's state in ``squeue``; LSF and PBS: a
+    job ended when its worker left the scheduler and dask dropped it, ~15 s later) and each job
+    that ended is replaced by a new one; dask reruns the tiles its worker held.
+
+    Jobs that end young point at a broken set-up rather than bad luck (workers that cannot start,
+    a partition that kills them): after more than ``max_early_ends`` jobs ended before their
+    worker had been up ``min_uptime`` seconds, or when the queue refuses a replacement, the
+    keeper gives up. It logs why and interrupts the thread that entered it (when that is the
+    main thread), and the ``with`` block raises :class:`~blockbuster.errors.ClusterError`. The
+    tiles finished so far stay recorded: a ``resume=True`` run continues.
+
+    Parameters
+    ----------
+    cluster : dask_jobqueue.JobQueueCluster
+        A cluster made by :func:`jobqueue_cluster` (any dask-jobqueue cluster works).
+    interval : float
+        Seconds between two checks.
+    min_uptime : float
+        A job whose worker was up for less than this (or never came up) ended young.
+    max_early_ends : int, optional
+        How many young ends are tolerated; default: the number of jobs plus 2.
+    """
+
+    def __init__(self, cluster: Any, *, interval: float = 5.0, min_uptime: float = 60.0,
+                 max_early_ends: int | None = None) -> None:
+        self.cluster = cluster
+        self.jobs = len(cluster.worker_spec)
+        self.kind = _kind(cluster)
+        self.interval = interval
+        self.min_uptime = min_uptime
+        self.max_early_ends = self.jobs + 2 if max_early_ends is None else max_early_ends
+        #: Jobs that ended young so far, and all the replacements submitted.
+        self.early_ends = 0
+        self.replaced: list[str] = []
+        #: Why the keeper gave up (None while it keeps the jobs).
+        self.failure: str | None = None
+        self._up_since: dict[str, float] = {}
+        self._tracked: set[str] = set()  # jobs seen submitted (dask holds them in .workers)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="blockbuster-jobs", daemon=True)
+        self._owner: int | None = None
+
+    def __enter__(self) -> Self:
+        if threading.current_thread() is threading.main_thread():
+            self._owner = threading.get_ident()
+        jobs = self.cluster.sync(self._jobs)
+        self._tracked.update(name for name, (_, tracked, _) in jobs.items() if tracked)
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._stop.set()
+        try:
+            self._thread.join()
+        except KeyboardInterrupt:  # our own interruption, arriving late
+            if self.failure is None:
+                raise
+        if self.failure is not None and exc_type is not None:
+            raise ClusterError(self.failure) from exc
+
+    # -- the watch ----------------------------------------------------------------------------
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.check()
+            except ClusterError as exc:
+                self._give_up(str(exc))
+                return
+            except Exception as exc:  # noqa: BLE001 -- a failed check must not end the run
+                log.debug("checking the cluster's jobs failed: %r", exc)
+
+    def check(self) -> list[str]:
+        """Replace the jobs that ended since the last check; returns the new jobs' ids.
+
+        Raises
+        ------
+        ClusterError
+            Too many jobs ended young, or the queue refused a replacement.
+        """
+        now = time.monotonic()
+        jobs = self.cluster.sync(self._jobs)
+        states = _ended_jobs(self.kind, [job_id for job_id, _, _ in jobs.values() if job_id])
+        ended = []
+        for name, (job_id, tracked, connected) in jobs.items():
+            if connected:
+                self._up_since.setdefault(name, now)
+            if tracked:
+                self._tracked.add(name)
+            state = (states or {}).get(job_id or "")
+            if state is None and not tracked and name in self._tracked:
+                # Still wanted, no longer tracked: dask dropped the job after its worker left
+                # (lost-worker-timeout, 15 s; checks come sooner, so none is missed).
+                state = "its worker left"
+            if state is not None:
+                ended.append((name, job_id, state))
+        if not ended:
+            return []
+        for name, job_id, state in ended:
+            self._tracked.discard(name)
+            since = self._up_since.pop(name, None)
+            young = since is None or now - since < self.min_uptime
+            self.early_ends += young
+            log.warning("%s job %s ended (%s) while the run still needs it; %s. Its output "
+                        "file says why", (self.kind or "cluster").upper(), job_id or name, state,
+                        "its worker never came up" if since is None
+                        else f"its worker had been up about {now - since:.0f} s")
+        if self.early_ends > self.max_early_ends:
+            raise ClusterError(
+                f"{self.early_ends} {(self.kind or 'cluster').upper()} jobs ended within "
+                f"{self.min_uptime:.0f} s of starting (the last: job {ended[-1][1]}, "
+                f"{ended[-1][2]}); the "
+                "workers cannot run there: read a job's output file (slurm-<id>.out for "
+                "SLURM), fix the cause, then resume the run (--resume, resume=True)")
+        try:
+            new = self.cluster.sync(self._replace, [name for name, _, _ in ended])
+        except (RuntimeError, OSError) as exc:
+            raise ClusterError(_refusal(self.cluster, exc) + "; resume the run (--resume, "
+                               "resume=True) when the queue takes jobs again") from None
+        self.replaced += new
+        log.info("submitted replacement job(s) %s", ", ".join(new) or "(none)")
+        return new
+
+    async def _jobs(self) -> dict[str, tuple[str | None, bool, bool]]:
+        """Each job's (id, still tracked by dask, its worker connected), on the cluster's loop."""
+        cluster = self.cluster
+        connected = {str(w.get("name")) for w in cluster.scheduler_info["workers"].values()}
+        return {
+            # a job with several processes names its workers <name>-0, <name>-1, ...
+            str(name): (getattr(cluster.workers.get(name), "job_id", None),
+                        name in cluster.workers,
+                        any(w == str(name) or w.startswith(f"{name}-") for w in connected))
+            for name in cluster.worker_spec
+        }
+
+    async def _replace(self, names: list[str]) -> list[str]:
+        """Forget the ended jobs (cancelling any leftover) and submit as many new ones."""
+        cluster = self.cluster
+        for name in names:
+            spec_name = next((n for n in cluster.worker_spec if str(n) == name), name)
+            cluster.worker_spec.pop(spec_name, None)
+            job = cluster.workers.pop(spec_name, None)
+            if job is not None:
+                await job.close()
+        before = set(cluster.workers)
+        await _grow(cluster, self.jobs)
+        new = [name for name in cluster.workers if name not in before]
+        self._tracked.update(str(name) for name in new)
+        return [cluster.workers[name].job_id for name in new
+                if getattr(cluster.workers[name], "job_id", None)]
+
+    def _give_up(self, message: str) -> None:
+        self.failure = message
+        log.error("%s", message)
+        if self._owner is not None:
+            # a real signal, so that a wait on a lock in the main thread wakes up
+            signal.pthread_kill(self._owner, signal.SIGINT)

@@ -14,18 +14,20 @@ from string import Template
 
 __all__ = [
     "BlockbusterError",
+    "ClusterError",
+    "IncompleteOutputError",
     "InputError",
+    "NoGPUError",
     "OutputExistsError",
+    "OutputLockedError",
+    "PluginNotInstalledError",
+    "ResumeMismatchError",
     "TileError",
     "TileFailures",
-    "ResumeMismatchError",
-    "OutputLockedError",
-    "NoGPUError",
     "TileSizeError",
-    "IncompleteOutputError",
-    "PluginNotInstalledError",
     "WorkDirError",
     "OPTION_WORDS",
+    "render_message",
 ]
 
 #: How messages name an option: ``$name`` -> (in Python, on the command line).
@@ -144,3 +146,7 @@ class PluginNotInstalledError(BlockbusterError, ImportError):
 
 class WorkDirError(BlockbusterError, RuntimeError):
     """The state an unfinished run left is damaged, or from another version: it cannot resume."""
+
+
+class ClusterError(BlockbusterError, RuntimeError):
+    """The job queue refused a cluster's jobs, or its jobs kept ending before the run finished."""

@@ -24,6 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from concurrent.futures import Executor as FuturesExecutor
 from typing import Any
 
+from ..errors import TileError
 from ..progress import Progress
 from ..tasks import SegmentedTile, TaskContext, call_fn, read_tile, segment_tile, summarize
 from .commit import Committer, WriteJob, write_jobs
@@ -171,7 +172,7 @@ class Dask(Executor):
         # dies, the scheduler recomputes it instead of cancelling every tile that needs it.
         ctx_future = client.submit(_identity, ctx, key=f"{prefix}-context", pure=False)
         batch = max(1, min(64, len(todo) // (self._threads() * WRITE_BATCHES_PER_THREAD)))
-        futures = as_completed(with_results=True)
+        futures = as_completed(with_results=True, raise_errors=False)
         every: list[Any] = []
         pending: list[WriteJob] = list(committer.rewrite_jobs())
         segments_left = len(todo)
@@ -186,17 +187,25 @@ class Dask(Executor):
                 every.append(future)
                 futures.add(future)
 
+        segment_of: dict[str, int] = {}
         for tile_id in todo:  # earlier tiles first, so that the frontier moves early
             future = client.submit(segment_tile, ctx_future, tile_id, False,
                                    key=f"{prefix}-segment-{tile_id}", priority=-tile_id,
                                    pure=False)
+            segment_of[future.key] = tile_id
             every.append(future)
             futures.add(future)
         submit_writes(force=segments_left == 0)
         try:
-            for _, result in futures:
-                if isinstance(result, BaseException):  # e.g. a task cancelled by the cluster
-                    raise result
+            for future, result in futures:
+                failure = _failure(future, result)
+                if failure is not None and future.key in segment_of:
+                    # The cluster gave up on the tile (its worker kept dying): a failed tile,
+                    # not a failed run; the others go on and a resume redoes it.
+                    tile_id = segment_of[future.key]
+                    result = SegmentedTile(tile_id, error=_lost_tile(ctx, tile_id, failure))
+                elif failure is not None:
+                    raise failure
                 if isinstance(result, SegmentedTile):
                     segments_left -= 1
                     pending.extend(committer.accept(result))
@@ -208,6 +217,35 @@ class Dask(Executor):
         except BaseException:
             client.cancel(every)
             raise
+
+
+def _failure(future: Any, result: Any) -> BaseException | None:
+    """The exception of a failed or cancelled dask future (``as_completed`` result), or None."""
+    if future.status == "error":
+        return result[1] if isinstance(result, tuple) else result
+    if future.status == "cancelled":
+        if isinstance(result, BaseException):
+            return result
+        from concurrent.futures import CancelledError
+
+        return CancelledError(f"the cluster cancelled task {future.key}")
+    return None
+
+
+def _lost_tile(ctx: TaskContext, tile_id: int, exc: BaseException) -> TileError:
+    """The error of a tile whose task the cluster gave up on (e.g. its worker kept dying)."""
+    if isinstance(exc, TileError):
+        return exc
+    tile = ctx.grid.tile(tile_id)
+    hint = ""
+    if type(exc).__name__ == "KilledWorker":
+        hint = (" (every worker that ran it died: out of memory? give the workers more memory "
+                "or use smaller tiles)")
+    error = TileError(f"{ctx.fn_label} could not run {tile.describe()}: {type(exc).__name__}: "
+                      f"{exc}{hint}", tile_index=tile.index, region=tile.padded,
+                      fn_name=ctx.fn_label)
+    error.__cause__ = exc
+    return error
 
 
 def _identity(value: Any) -> Any:
