@@ -204,11 +204,18 @@ class ImageSource:
     def tile_channel_axis(self) -> int | None:
         """Where the channel axis is in the arrays :meth:`read` returns (None: no channel axis).
 
-        A single channel (one stored, or one selected) gives tiles without a channel axis.
+        A single channel gives tiles without a channel axis when it was chosen with
+        ``channels=``, or when the metadata says the axis holds channels (an array's
+        ``channel_axis`` of size 1 is kept, as given).
         """
-        if self.channel_axis is None or len(self.channel_indices) == 1:
+        if self.channel_axis is None or self._single_channel():
             return None
         return sum(1 for a in self.tiled_axes if a < self.channel_axis)
+
+    def _single_channel(self) -> bool:
+        """Whether the one channel read is dropped from tiles (see tile_channel_axis)."""
+        return len(self.channel_indices) == 1 and (self.channels is not None
+                                                   or self.meta.axes_known)
 
     @property
     def spatial_storage_chunks(self) -> tuple[int, ...] | None:
@@ -354,7 +361,7 @@ class ImageSource:
 
     def _channel_index(self) -> Any:
         chosen = self.channel_indices
-        if len(chosen) == 1:
+        if self._single_channel():
             return chosen[0]
         if self.channels is None:
             return slice(None)

@@ -102,6 +102,14 @@ class Percentiles:
         """Percentiles of a streamed subsample of the whole image (never read whole)."""
         return cls.from_values(image.sample(max_voxels=max_voxels), percentiles)
 
+    def statistics(self, image: ImageSource, percentiles: tuple[float, float]
+                   ) -> dict[str, Any]:
+        """What the segmenters report in ``statistics`` (JSON-serialisable)."""
+        return {"normalize": "global", "percentiles": list(percentiles),
+                "low": list(self.low), "high": list(self.high),
+                "channels": list(image.channel_names or range(image.n_channels)),
+                "sample": image.sample_info()}
+
     @classmethod
     def from_tile(cls, tile: np.ndarray, channel_axis: int | None,
                   percentiles: tuple[float, float]) -> Percentiles:
