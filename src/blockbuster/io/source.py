@@ -504,14 +504,22 @@ def sample_boxes(shape: Sequence[int], types: Sequence[str], max_voxels: int
     if math.prod(shape) <= max_voxels:
         return [tuple(slice(0, s) for s in shape)]
     extent = _box_extent(shape, types, max(1, max_voxels // SAMPLE_BOXES))
-    positions = [max(1, s // e) for s, e in zip(shape, extent)]
+    # Time points are not a lattice axis: box k goes to time point k*T/n, so that every box
+    # sits at another place in space and the boxes still cover the time series evenly.
+    timed = [i for i, t in enumerate(types) if t == "time"]
+    positions = [1 if i in timed else max(1, s // e)
+                 for i, (s, e) in enumerate(zip(shape, extent))]
     wanted = max(1, min(SAMPLE_BOXES, max_voxels // math.prod(extent)))
     counts = _spread(positions, wanted)
-    starts = [[min(s - e, max(0, int((k + 0.5) * s / n - e / 2))) for k in range(n)]
-              for s, e, n in zip(shape, extent, counts)]
+    starts = [[0] if i in timed else
+              [min(s - e, max(0, int((k + 0.5) * s / n - e / 2))) for k in range(n)]
+              for i, (s, e, n) in enumerate(zip(shape, extent, counts))]
     grid = np.stack(np.meshgrid(*[np.asarray(st) for st in starts], indexing="ij"), -1)
+    corners = grid.reshape(-1, len(shape))
+    for i in timed:
+        corners[:, i] = ((np.arange(len(corners)) + 0.5) * shape[i] / len(corners)).astype(int)
     return [tuple(slice(int(a), int(a) + e) for a, e in zip(corner, extent))
-            for corner in grid.reshape(-1, len(shape))]
+            for corner in corners]
 
 
 def _box_extent(shape: list[int], types: Sequence[str], voxels: int) -> list[int]:
