@@ -25,12 +25,12 @@ from .registry import Reader, available_readers, open_location, reader_table
 from .source import SAMPLE_BOXES, ImageSource, sample_boxes
 
 __all__ = [
+    "SAMPLE_BOXES",
     "Axis",
     "ImageMetadata",
     "ImageSource",
     "Location",
     "Reader",
-    "SAMPLE_BOXES",
     "available_readers",
     "default_output_path",
     "describe_channels",

@@ -18,7 +18,7 @@ from ..errors import InputError
 from .model import Axis, ImageMetadata, axis_type_of_name
 from .source import ImageSource
 
-__all__ = ["source_from_array", "MemmapRef"]
+__all__ = ["MemmapRef", "source_from_array"]
 
 
 @dataclass(frozen=True)
@@ -52,14 +52,14 @@ def _is_h5py_dataset(image: Any) -> bool:
 def source_from_array(image: Any) -> ImageSource:
     """An :class:`ImageSource` over an array-like, streamed where the array allows it."""
     if isinstance(image, np.memmap) and getattr(image, "filename", None):
-        ref = MemmapRef(str(image.filename), image.dtype.str, tuple(image.shape),
-                        int(image.offset), "F" if image.flags.f_contiguous
-                        and not image.flags.c_contiguous else "C")
+        mref: MemmapRef | None = MemmapRef(
+            str(image.filename), image.dtype.str, tuple(image.shape), int(image.offset),
+            "F" if image.flags.f_contiguous and not image.flags.c_contiguous else "C")
         base = image.base if isinstance(image.base, np.memmap) else image
         if image.shape != base.shape:  # a view of a memmap: reopening would lose the view
-            ref = None  # type: ignore[assignment]
+            mref = None
         return ImageSource(tuple(image.shape), image.dtype, None, None, "memmap",
-                           _ref=ref, _array=image)
+                           _ref=mref, _array=image)
     if _is_h5py_dataset(image):
         from .location import as_location
         from .readers.hdf5_reader import H5Ref
@@ -89,8 +89,8 @@ def source_from_array(image: Any) -> ImageSource:
     if module == "tensorstore":
         from .readers.n5_reader import TensorStoreArray
 
-        arr = TensorStoreArray(image)
-        return ImageSource(arr.shape, arr.dtype, None, arr.chunks, "array", _array=arr)
+        store = TensorStoreArray(image)
+        return ImageSource(store.shape, store.dtype, None, store.chunks, "array", _array=store)
     if isinstance(image, np.ndarray) or hasattr(image, "__array__"):
         arr = np.asarray(image)
         return ImageSource(tuple(arr.shape), arr.dtype, None, None, "numpy", _array=arr)

@@ -12,7 +12,7 @@ from ..errors import InputError
 if TYPE_CHECKING:
     from .source import ImageSource
 
-__all__ = ["resolve_channels", "describe_channels"]
+__all__ = ["describe_channels", "resolve_channels"]
 
 
 def describe_channels(source: ImageSource) -> str:

@@ -63,7 +63,7 @@ class Location:
 
     def fs(self) -> tuple[Any, str]:
         """The fsspec filesystem and the path in it."""
-        import fsspec
+        import fsspec  # type: ignore[import-untyped]
 
         if self.url is None:
             return fsspec.filesystem("file"), str(self.path)

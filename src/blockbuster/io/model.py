@@ -14,8 +14,14 @@ from typing import Any
 
 from ..errors import InputError
 
-__all__ = ["Axis", "ImageMetadata", "AXIS_TYPES", "normalize_unit", "axis_type_of_name",
-           "guessed_axes"]
+__all__ = [
+    "AXIS_TYPES",
+    "Axis",
+    "ImageMetadata",
+    "axis_type_of_name",
+    "guessed_axes",
+    "normalize_unit",
+]
 
 #: The axis types blockbuster understands (NGFF's); any other string is an "other" axis.
 AXIS_TYPES = ("time", "channel", "space")

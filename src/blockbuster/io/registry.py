@@ -25,8 +25,15 @@ from .location import Location
 if TYPE_CHECKING:
     from .source import ImageSource
 
-__all__ = ["Reader", "available_readers", "get_reader", "open_location", "reader_table",
-           "READER_GROUP", "READER_OPTIONS"]
+__all__ = [
+    "READER_GROUP",
+    "READER_OPTIONS",
+    "Reader",
+    "available_readers",
+    "get_reader",
+    "open_location",
+    "reader_table",
+]
 
 READER_GROUP = "blockbuster.readers"
 #: Options a reader may understand, besides the location itself.

@@ -8,6 +8,7 @@ read returns all the selected channels.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -20,7 +21,7 @@ import numpy as np
 from ..errors import InputError
 from .model import Axis, ImageMetadata, guessed_axes
 
-__all__ = ["ImageSource", "ArrayRef", "SAMPLE_BOXES"]
+__all__ = ["SAMPLE_BOXES", "ArrayRef", "ImageSource"]
 
 #: Number of boxes :meth:`ImageSource.sample` reads for global statistics (at most).
 SAMPLE_BOXES = 64
@@ -365,7 +366,7 @@ class ImageSource:
             return chosen[0]
         if self.channels is None:
             return slice(None)
-        if all(b - a == 1 for a, b in zip(chosen, chosen[1:])):
+        if all(b - a == 1 for a, b in itertools.pairwise(chosen)):
             return slice(chosen[0], chosen[-1] + 1)
         return None  # scattered channels: read one by one
 

@@ -19,7 +19,7 @@ from ..model import Axis, ImageMetadata
 from ..registry import Reader
 from ..source import ImageSource
 
-__all__ = ["BioioReader", "BioioRef", "BIOIO_PLUGINS"]
+__all__ = ["BIOIO_PLUGINS", "BioioReader", "BioioRef"]
 
 #: File suffix -> the bioio plugin module that reads it (and its pip name).
 BIOIO_PLUGINS = {".czi": "bioio_czi", ".nd2": "bioio_nd2", ".lif": "bioio_lif"}

@@ -14,7 +14,6 @@ import re
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass
-
 from typing import Any
 
 import numpy as np
@@ -25,7 +24,7 @@ from ..model import Axis, ImageMetadata, axis_type_of_name, guessed_axes
 from ..registry import Reader
 from ..source import ImageSource
 
-__all__ = ["HDF5Reader", "H5Ref", "StackedArray", "HDF5_SUFFIXES", "split_hdf5_path"]
+__all__ = ["HDF5_SUFFIXES", "H5Ref", "HDF5Reader", "StackedArray", "split_hdf5_path"]
 
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".he5", ".ims")
 _SPLIT = re.compile(r"^(.*?\.(?:h5|hdf5|hdf|he5|ims))(/.*)?$", re.IGNORECASE)
@@ -82,7 +81,7 @@ class StackedArray:
             else:
                 picks.append([int(k) % size])
                 keep_axis.append(False)
-        inner = []
+        inner: list[Any] = []
         for k, size in zip(index[ng:], self.inner_shape):
             if isinstance(k, slice):
                 inner.append(slice(*k.indices(size)))
@@ -157,11 +156,7 @@ class HDF5Reader(Reader):
         if not file_loc.exists():
             raise InputError(f"input not found: {file_loc.text}") from FileNotFoundError(
                 file_loc.text)
-        ref = H5Ref(file_loc, ("/",))
-        try:
-            f = ref.open()
-        except InputError:
-            raise
+        f = H5Ref(file_loc, ("/",)).open()
         if not isinstance(f, h5py.Group):
             f = f.file
         if inner is not None:

@@ -22,7 +22,7 @@ from ..model import Axis, ImageMetadata
 from ..registry import Reader
 from ..source import ImageSource
 
-__all__ = ["TiffReader", "TiffRef", "TIFF_SUFFIXES"]
+__all__ = ["TIFF_SUFFIXES", "TiffReader", "TiffRef"]
 
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".tf2")
 

@@ -20,7 +20,7 @@ from ..model import Axis, ImageMetadata, axis_type_of_name, guessed_axes
 from ..registry import Reader
 from ..source import ImageSource
 
-__all__ = ["ZarrReader", "ZarrRef", "zarr_chunks", "open_zarr_node"]
+__all__ = ["ZarrReader", "ZarrRef", "open_zarr_node", "zarr_chunks"]
 
 ZARR_MARKERS = ("zarr.json", ".zarray", ".zgroup", ".zattrs")
 
@@ -42,7 +42,11 @@ def open_zarr_node(location: Location, path: str | None = None) -> zarr.Array | 
         else:
             store = str(location.path)
         node = zarr.open(store=store, mode="r")
-        return node[path] if path else node
+        if not path:
+            return node
+        if not isinstance(node, zarr.Group):
+            raise InputError(f"{location.text} is a zarr array: it has no {path!r} inside")
+        return node[path]
     except (KeyError, FileNotFoundError) as exc:
         where = f"{location.text}/{path}" if path else location.text
         raise InputError(f"no zarr array or group at {where}") from exc
@@ -119,7 +123,9 @@ class ZarrReader(Reader):
         arrays = sorted(name for name, _ in node.arrays())
         if len(arrays) == 1:
             inner = f"{dataset}/{arrays[0]}" if dataset else arrays[0]
-            return _plain_array(base.join(arrays[0]), node[arrays[0]], location, inner)
+            array = node[arrays[0]]
+            assert isinstance(array, zarr.Array)
+            return _plain_array(base.join(arrays[0]), array, location, inner)
         raise InputError(
             f"{base.text} is a zarr group without OME-Zarr multiscales metadata; choose one of "
             f"its arrays with dataset= (--dataset) or in the path: "
@@ -135,7 +141,7 @@ def _ome_attrs(group: zarr.Group) -> dict[str, Any]:
 
 
 def _dimension_names(arr: zarr.Array) -> list[str] | None:
-    names = getattr(arr.metadata, "dimension_names", None)
+    names: Any = getattr(arr.metadata, "dimension_names", None)
     if names is None:
         names = arr.attrs.get("_ARRAY_DIMENSIONS")  # xarray's convention for zarr v2
     if names is None or len(names) != arr.ndim or not all(isinstance(n, str) and n
@@ -303,7 +309,7 @@ def _series_paths(base: Location, root: zarr.Group) -> list[str]:
             return [str(p) for p in listed]
     except InputError:
         pass
-    paths = []
+    paths: list[str] = []
     while base.child_exists(str(len(paths))):
         paths.append(str(len(paths)))
     if not paths:
