@@ -236,8 +236,10 @@ def write_bdv(folder: Path, data: np.ndarray, names: list[str], voxel: tuple[flo
             f[f"s{s:02d}/subdivisions"] = np.array([[32, 32, 4]], np.int32)
         for t in range(n_t):
             for s in range(n_s):
-                f.create_dataset(f"t{t:05d}/s{s:02d}/0/cells", data=data[t, s].view(np.int16),
-                                 chunks=(4, 32, 32))
+                cells = data[t, s].view(np.int16)
+                f.create_dataset(f"t{t:05d}/s{s:02d}/0/cells", data=cells,
+                                 chunks=tuple(min(c, n) for c, n in zip((4, 32, 32),
+                                                                        cells.shape)))
     setups = "".join(
         f"<ViewSetup><id>{s}</id><name>{n}</name><size>{data.shape[-1]} {data.shape[-2]} "
         f"{data.shape[-3]}</size><voxelSize><unit>µm</unit><size>{voxel[2]} {voxel[1]} "
@@ -288,7 +290,7 @@ def write_imaris(path: Path, data: np.ndarray, names: list[str], voxel: tuple[fl
                 padded = np.zeros((z, -(-y // 16) * 16, -(-x // 16) * 16), data.dtype)
                 padded[:, :y, :x] = data[t, c]
                 f.create_dataset(f"DataSet/ResolutionLevel 0/TimePoint {t}/Channel {c}/Data",
-                                 data=padded, chunks=(z, 16, 16))
+                                 data=padded, chunks=(z, 16, 16))  # Imaris pads to chunks
     return path
 
 
@@ -364,6 +366,34 @@ def test_n5_dataset_in_c_order_with_resolution(tmp_path):
     np.testing.assert_array_equal(src.read((slice(1, 4), slice(0, 36), slice(9, 30))),
                                   volume[1:4, :, 9:30])
     segments_like_memory(pickle.loads(pickle.dumps(src)), volume, tmp_path)
+
+
+# -- zarr layouts, arrays with named axes ----------------------------------------------------
+def test_zarr_v2_nested_keys_v3_shards_and_dimension_names(tmp_path):
+    image = nuclei((50, 70), 95)
+    v2 = zarr.create_array(str(tmp_path / "nested.zarr"), shape=image.shape, chunks=(16, 16),
+                           dtype=image.dtype, zarr_format=2,
+                           chunk_key_encoding={"name": "v2", "separator": "/"})
+    v2[:] = image
+    assert (tmp_path / "nested.zarr" / "0" / "0").is_file()  # dimension_separator "/"
+    sharded = zarr.create_array(str(tmp_path / "sharded.zarr"), shape=(1, *image.shape),
+                                chunks=(1, 8, 8), shards=(1, 24, 32), dtype=image.dtype,
+                                dimension_names=("z", "y", "x"))
+    sharded[0] = image
+    for path, chunks in (("nested.zarr", (16, 16)), ("sharded.zarr", (24, 32))):
+        src = open_image(tmp_path / path)
+        assert src.spatial_storage_chunks == chunks and src.spatial_shape == image.shape
+        segments_like_memory(src, image, tmp_path, f"{path}.out.zarr")
+    xr = pytest.importorskip("xarray")
+    cyx = xr.DataArray(np.stack([image, image // 2]), dims=("c", "y", "x"))
+    assert open_image(cyx).channel_axis == 0 and open_image(cyx).tile_channel_axis == 0
+
+
+def test_stacked_hdf5_and_n5_arrays_work_as_dask_views(tmp_path):
+    data = np.stack([nuclei((3, 20, 24), 96), nuclei((3, 20, 24), 97)])[None]
+    src = open_image(write_imaris(tmp_path / "s.ims", data, ["a", "b"], (1.0, 1.0, 1.0),
+                                  (0.0, 0.0, 0.0)))
+    np.testing.assert_array_equal(src.to_dask().compute(), data)
 
 
 # -- CZI (bioio) ------------------------------------------------------------------------------

@@ -68,6 +68,9 @@ class ImageSource:
         Stored indices of the selected channels, in the order given (None: all of them).
     url : str or None
         The location as given, for remote (fsspec) inputs.
+    fixed : tuple of (int, int)
+        Stored axes read at one index only (``(axis, index)``), e.g. after
+        :meth:`time_point`; they are not tiled.
     """
 
     shape: tuple[int, ...]
