@@ -30,7 +30,6 @@ def layouts(folder: Path, image: np.ndarray) -> list[tuple[str, Any, dict[str, A
     import tensorstore as ts
     import tifffile
     import zarr
-
     from test_readers import write_bdv, write_bioformats2raw, write_imaris, write_ome_zarr
 
     empty = np.zeros_like(image)

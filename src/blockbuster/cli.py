@@ -398,9 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
     seg = commands.add_parser(
         "segment", help="segment an image tile by tile", formatter_class=_HelpFormatter,
         epilog=SEGMENT_EPILOG,
-        description="Segment INPUT (zarr, OME-Zarr or TIFF) tile by tile and write one "
-                    "seamless labelling.")
-    seg.add_argument("input", metavar="INPUT", help="zarr array, OME-Zarr image or TIFF")
+        description="Segment INPUT (zarr, OME-Zarr, TIFF, HDF5, N5, CZI/ND2/LIF; a path or "
+                    "a URL) tile by tile and write one seamless labelling.")
+    seg.add_argument("input", metavar="INPUT",
+                     help="zarr array, OME-Zarr image, TIFF, HDF5 (file.h5/dataset), N5, ...")
     seg.add_argument("output", metavar="OUTPUT", nargs="?",
                      help="where to write the labels (default: see below)")
     _add_method_options(seg)
