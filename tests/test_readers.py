@@ -631,3 +631,14 @@ def test_an_hdf5_dataset_is_segmented_with_memory_bounded_by_the_tile(tmp_path):
     # (the same ~70-100 MiB for a zarr input of this size); the dataset read whole would add
     # all of its 288 MiB.
     assert grown < dataset_bytes / 2, f"peak grew by {grown / 2**20:.0f} MiB"
+
+
+def test_a_url_whose_filesystem_is_not_installed_names_the_extra(monkeypatch):
+    import fsspec
+
+    def missing(url: str, **_: Any) -> Any:
+        raise ImportError("Install s3fs to access S3", name="s3fs")
+
+    monkeypatch.setattr(fsspec.core, "url_to_fs", missing)
+    with pytest.raises(PluginNotInstalledError, match=r'blockbuster\[s3\]'):
+        open_image("s3://bucket/image.ome.zarr", reader="zarr")

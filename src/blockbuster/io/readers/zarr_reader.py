@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from ...errors import InputError
+from ...errors import InputError, PluginNotInstalledError
 from ..location import Location
 from ..model import Axis, ImageMetadata, axis_type_of_name, guessed_axes
 from ..registry import Reader
@@ -37,6 +37,8 @@ def open_zarr_node(location: Location, path: str | None = None) -> zarr.Array | 
         if location.url is not None:
             from zarr.storage import FsspecStore
 
+            location.fs()  # names the extra to install when the filesystem's package is missing
+
             store: Any = FsspecStore.from_url(location.url, read_only=True,
                                               storage_options=location.storage_options or None)
         else:
@@ -50,7 +52,7 @@ def open_zarr_node(location: Location, path: str | None = None) -> zarr.Array | 
     except (KeyError, FileNotFoundError) as exc:
         where = f"{location.text}/{path}" if path else location.text
         raise InputError(f"no zarr array or group at {where}") from exc
-    except InputError:
+    except (InputError, PluginNotInstalledError):
         raise
     except Exception as exc:
         raise InputError(f"cannot open zarr store {location.text}: {exc}") from exc
