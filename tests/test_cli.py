@@ -197,8 +197,8 @@ def test_quiet_prints_only_the_summary(work: Path) -> None:
 
 @pytest.mark.parametrize("make_input, fragment", [
     (lambda d: "missing.zarr", "input not found: missing.zarr"),
-    (lambda d: (d / "folder").mkdir() or "folder", "neither a zarr store"),
-    (lambda d: (d / "notes.txt").write_text("hi") and "notes.txt", "neither a zarr store"),
+    (lambda d: (d / "folder").mkdir() or "folder", "no reader recognises"),
+    (lambda d: (d / "notes.txt").write_text("hi") and "notes.txt", "no reader recognises"),
 ])
 def test_bad_input_paths(make_input, fragment: str, tmp_path: Path) -> None:
     name = make_input(tmp_path)
@@ -513,13 +513,44 @@ def test_info_guesses_a_channel_axis(work: Path) -> None:
     assert_ok(guessed)
     assert "axis 0 may hold channels" in guessed.stdout and "a guess" in guessed.stdout
     given = run("info", "rgb.zarr", "--channel-axis", "0", cwd=work)
-    assert "axis 0 (given), 3 channel(s)" in given.stdout
+    assert "axis 0 ('c', given), 3 channel(s): 0, 1, 2" in given.stdout
     import tifffile
 
     tifffile.imwrite(work / "two.tif", np.zeros((2, 32, 32), np.uint16),
                      metadata={"axes": "CYX"})
     tiff = run("info", "two.tif", cwd=work)
-    assert "axis 0 holds 2 channel(s) (TIFF axes 'CYX'); pass --channel-axis 0" in tiff.stdout
+    # The TIFF's own axes say which axis holds channels: nothing to pass.
+    assert "axis 0 ('c', from the TIFF metadata), 2 channel(s): 0, 1" in tiff.stdout
+    assert "tiled axes: y, x (32, 32)" in tiff.stdout
+
+
+def test_channel_by_name_is_not_a_channel_axis(work: Path) -> None:
+    import tifffile
+
+    image, _ = synthetic_nuclei((96, 96), seed=3)
+    stack = np.stack([np.zeros_like(image), image])  # the nuclei are in channel "DAPI"
+    tifffile.imwrite(work / "cyx.ome.tif", stack, ome=True,
+                     metadata={"axes": "CYX", "Channel": {"Name": ["empty", "DAPI"]},
+                               "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})
+    info = run("info", "cyx.ome.tif", "--channel", "DAPI", cwd=work)
+    assert_ok(info)
+    assert "0 'empty', 1 'DAPI'; segmenting DAPI" in info.stdout
+    assert "voxel size: y 0.5 micrometer, x 0.5 micrometer" in info.stdout
+    by_name = run("segment", "cyx.ome.tif", "a.zarr", "--channel", "DAPI", cwd=work)
+    by_index = run("segment", "cyx.ome.tif", "b.zarr", "--channel", "1", cwd=work)
+    assert_ok(by_name)
+    assert_ok(by_index)
+    tifffile.imwrite(work / "dapi.tif", image)  # the same pixels, alone
+    assert_ok(run("segment", "dapi.tif", "alone.zarr", cwd=work))
+    a = zarr.open_array(str(work / "a.zarr"), mode="r")[:]
+    b = zarr.open_array(str(work / "b.zarr"), mode="r")[:]
+    alone = zarr.open_array(str(work / "alone.zarr"), mode="r")[:]
+    assert a.shape == (96, 96) and a.max() > 5
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, alone)
+    wrong = run("segment", "cyx.ome.tif", "c.zarr", "--channel", "GFP", cwd=work)
+    assert wrong.returncode == 2
+    assert "no channel named 'GFP'" in wrong.stderr and "1 'DAPI'" in wrong.stderr
 
 
 def test_info_never_calls_an_unfinished_output_complete(work: Path) -> None:

@@ -219,7 +219,7 @@ def test_path_that_is_neither_zarr_nor_tiff(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     (tmp_path / "empty_dir").mkdir()
     for bad in ("notes.txt", "empty_dir"):
-        with pytest.raises(InputError, match="neither a zarr store"):
+        with pytest.raises(InputError, match="no reader recognises"):
             tile_process(tmp_path / bad, reference, (8, 8))
 
 

@@ -151,7 +151,7 @@ def tile_process(
                          "unfinished run, overwrite starts again; pass one of them")
     source = open_image(image, channel_axis)
     mask_source = _open_mask(mask)
-    fn = _resolve_fn(fn, source.channel_axis)
+    fn = _resolve_fn(fn, source.segment_channel_axis)
     info = describe_segmenter(fn)
     memory_bytes = parse_memory(memory)
     executor = executor_for(_active_client(client))

@@ -53,6 +53,7 @@ __all__ = [
     "exit_code_for",
     "guess_channel_axis",
     "main",
+    "parse_channels",
     "parse_bytes",
     "parse_overlap",
     "parse_tile_shape",
@@ -331,6 +332,54 @@ def _add_planning_options(parser: argparse.ArgumentParser, *, tile_shape: bool) 
                             "--cluster also the memory of each job")
 
 
+# -- input selection (channels, series, dataset, level) -------------------------------------
+def _add_input_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("input")
+    group.add_argument("--channel", action="append", metavar="NAME|INDEX",
+                       help="segment only this channel, by name (from the file's metadata) or "
+                            "index; repeat or separate with commas for several (default: all "
+                            "channels). Not the same as --channel-axis")
+    group.add_argument("--series", type=_non_negative_int, metavar="N",
+                       help="series of a multi-series file (bioformats2raw, OME-TIFF, CZI/LIF "
+                            "scenes; default: 0)")
+    group.add_argument("--dataset", metavar="PATH",
+                       help="array inside a container: zarr group member, HDF5 dataset, N5 "
+                            "dataset (or append it to the path: file.h5/raw/volume)")
+    group.add_argument("--level", type=_non_negative_int, default=0, metavar="N",
+                       help="pyramid level of an OME-Zarr / pyramidal TIFF (default: 0, full "
+                            "resolution)")
+
+
+def parse_channels(values: Sequence[str] | None) -> list[str | int] | None:
+    """``--channel`` values: names, or indices for plain integers; commas split several.
+
+    Examples
+    --------
+    >>> parse_channels(["DAPI", "1,GFP"])
+    ['DAPI', 1, 'GFP']
+    >>> parse_channels(None) is None
+    True
+    """
+    if not values:
+        return None
+    out: list[str | int] = []
+    for value in values:
+        for part in value.split(","):
+            part = part.strip()
+            if part:
+                out.append(int(part) if part.lstrip("-").isdigit() else part)
+    return out or None
+
+
+def _input_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The open_image options of the command line (only those given)."""
+    options = {"channels": parse_channels(getattr(args, "channel", None)),
+               "series": getattr(args, "series", None),
+               "dataset": getattr(args, "dataset", None),
+               "level": getattr(args, "level", 0) or 0}
+    return {k: v for k, v in options.items() if v not in (None, 0)}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``blockbuster`` argument parser with its ``segment``, ``info`` and ``demo`` commands.
 
@@ -351,13 +400,15 @@ def build_parser() -> argparse.ArgumentParser:
     seg = commands.add_parser(
         "segment", help="segment an image tile by tile", formatter_class=_HelpFormatter,
         epilog=SEGMENT_EPILOG,
-        description="Segment INPUT (zarr, OME-Zarr or TIFF) tile by tile and write one "
-                    "seamless labelling.")
-    seg.add_argument("input", metavar="INPUT", help="zarr array, OME-Zarr image or TIFF")
+        description="Segment INPUT (zarr, OME-Zarr, TIFF, HDF5, N5, CZI/ND2/LIF; a path or "
+                    "a URL) tile by tile and write one seamless labelling.")
+    seg.add_argument("input", metavar="INPUT",
+                     help="zarr array, OME-Zarr image, TIFF, HDF5 (file.h5/dataset), N5, ...")
     seg.add_argument("output", metavar="OUTPUT", nargs="?",
                      help="where to write the labels (default: see below)")
     _add_method_options(seg)
     _add_planning_options(seg, tile_shape=True)
+    _add_input_options(seg)
     tiles = seg.add_argument_group("stitching and output")
     tiles.add_argument("--stitch", choices=("auto", "faces", "iou", "none"), default="auto",
                        help="how labels are joined across tile borders (default: the method's "
@@ -414,6 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("input", metavar="INPUT", help="an image, or labels written by blockbuster")
     _add_method_options(info)
     _add_planning_options(info, tile_shape=False)
+    _add_input_options(info)
     _add_common(info)
     info.set_defaults(func=cmd_info, parser=info)
 
@@ -830,15 +882,20 @@ def cmd_segment(args: argparse.Namespace) -> int:
         raise InputError(f"{', '.join(cluster_only)}: only with --cluster slurm|lsf|pbs")
     # Absolute paths: the run's manifest records them, and a --resume from another working
     # directory must find the same run.
-    image = os.path.abspath(args.input)
+    image = args.input if "://" in args.input else os.path.abspath(args.input)
     mask = os.path.abspath(args.mask) if args.mask else None
     # Open the input and make the segmenter first: bad input fails before a cluster starts
     # (and the message names the path as the user typed it).
-    open_image(args.input, args.channel_axis)
+    opened = open_image(args.input, args.channel_axis, **_input_options(args))
+    source: Any = image
+    if _input_options(args):
+        # Channels, series, dataset or level chosen: hand tile_process the opened image.
+        source = open_image(image, args.channel_axis, **_input_options(args))
+    log.info("input: %s", _selection_line(opened))
     segmenter = make_segmenter(args.method, _method_options(args), gpu=args.gpu)
     with _execution(args) as execution:
         out = tile_process(
-            image, segmenter, args.tile_shape, args.overlap, output=args.output,
+            source, segmenter, args.tile_shape, args.overlap, output=args.output,
             channel_axis=args.channel_axis, stitch=args.stitch, use_gpu=args.gpu,
             memory=execution.memory, overwrite=args.overwrite, resume=args.resume,
             client=execution.client, progress=False if args.quiet else None,
@@ -914,14 +971,6 @@ def _disk_size(path: Path) -> int:
             with contextlib.suppress(OSError):
                 total += (Path(root) / name).stat().st_size
     return total
-
-
-def _tiff_axes(path: Path) -> str | None:
-    import tifffile
-
-    with contextlib.suppress(Exception), tifffile.TiffFile(path) as tif:
-        return str(tif.series[0].axes)
-    return None
 
 
 def _work_dirs(path: Path) -> list[Path]:
@@ -1030,50 +1079,103 @@ def _describe_unwritten(path: Path, work: Path) -> list[str]:
             *_work_report(work)]
 
 
-def _describe_input(args: argparse.Namespace, path: Path) -> list[str]:
+def _describe_input(args: argparse.Namespace, path: str) -> list[str]:
     from .io import open_image
     from .sizing import format_bytes
 
-    src = open_image(path, args.channel_axis)
-    kind = {"ome-zarr": "OME-Zarr image", "zarr": "zarr array", "tiff": "TIFF"}.get(src.kind,
-                                                                                     src.kind)
-    if src.ome is not None:
-        kind += f", NGFF {src.ome.get('version')}, full resolution = dataset {src.dataset!r}"
-    elif src.dataset is not None:
-        kind += f", array {src.dataset!r} of a group"
-    axes: Any = src.ome.get("axes") if src.ome else None
-    if src.kind == "tiff":
-        axes = _tiff_axes(path)
-    axis_names = ""
-    if axes:
-        names = axes if isinstance(axes, str) else [a.get("name", "?") if isinstance(a, dict)
-                                                    else str(a) for a in axes]
-        axis_names = f"  axes {','.join(names)}"
-    lines = [f"input:      {path} ({kind})",
-             f"shape:      {src.shape}{axis_names}",
+    src = open_image(path, args.channel_axis, **_input_options(args))
+    meta = src.meta
+    kind = meta.format
+    if meta.series is not None:
+        kind += f", series {meta.series}"
+    if src.dataset is not None:
+        kind += f", dataset {src.dataset!r}"
+    if meta.level:
+        kind += f", level {meta.level}"
+    lines = [f"input:      {path} ({kind}; reader {meta.reader})",
+             f"shape:      {src.shape}  axes {','.join(src.axis_names)}",
              f"dtype:      {src.dtype}",
              f"chunks:     {src.storage_chunks}",
-             f"size:       {format_bytes(_disk_size(path))} on disk, "
-             f"{format_bytes(src.nbytes)} uncompressed (full resolution)",
-             _channel_line(args, src, axes)]
-    labels = _ome_label_names(path) if src.kind == "ome-zarr" else []
+             f"size:       {_on_disk(src)}{format_bytes(src.nbytes)} uncompressed",
+             _calibration_line(src),
+             _channel_line(args, src),
+             *_time_lines(src),
+             f"tiled axes: {', '.join(src.axes[a].name for a in src.tiled_axes)} "
+             f"{src.tiled_shape}" + _dropped_text(src)]
+    problem = meta.extra.get("metadata_problem")
+    if problem:
+        lines.append(f"warning:    metadata {problem}")
+    labels = _ome_label_names(src.path) if src.kind == "ome-zarr" and src.path else []
     if labels:
         lines.append(f"OME labels: {', '.join(labels)}")
     lines += _plan_lines(args, src)
     return lines
 
 
-def _channel_line(args: argparse.Namespace, src: ImageSource, axes: Any) -> str:
-    if args.channel_axis is not None:
-        return f"channels:   axis {src.channel_axis} (given), {src.n_channels} channel(s)"
-    axis, why, guess = guess_channel_axis(src.shape, axes)
-    if axis is None:
-        return f"channels:   none ({why}); pass --channel-axis N if an axis holds channels"
-    if not guess and src.channel_axis == axis:
-        return f"channels:   axis {axis} ({why}), {src.shape[axis]} channel(s)"
-    if not guess:  # e.g. TIFF axes, which open_image does not read
-        return (f"channels:   axis {axis} holds {src.shape[axis]} channel(s) ({why}); pass "
-                f"--channel-axis {axis} so that they are not tiled as space")
+def _on_disk(src: ImageSource) -> str:
+    from .sizing import format_bytes
+
+    if src.path is None or not src.path.exists():
+        return ""
+    return f"{format_bytes(_disk_size(src.path))} on disk, "
+
+
+def _calibration_line(src: ImageSource) -> str:
+    parts = []
+    for a in src.spatial_axes:
+        axis = src.axes[a]
+        parts.append(f"{axis.name} {axis.scale:g} {axis.unit or 'voxel'}"
+                     + (f" (origin {axis.translation:g})" if axis.translation else ""))
+    if not any(src.axes[a].unit for a in src.spatial_axes) and all(
+            src.axes[a].scale == 1 for a in src.spatial_axes):
+        return "voxel size: unknown (1 voxel); outputs will be in voxels"
+    return "voxel size: " + ", ".join(parts)
+
+
+def _time_lines(src: ImageSource) -> list[str]:
+    if src.time_axis is None:
+        return []
+    n = src.shape[src.time_axis]
+    axis = src.axes[src.time_axis]
+    step = f", every {axis.scale:g} {axis.unit}" if axis.unit else ""
+    return [f"time:       axis {src.time_axis} ({axis.name!r}), {n} time point(s){step}; "
+            "each time point is segmented on its own"]
+
+
+def _dropped_text(src: ImageSource) -> str:
+    dropped = [src.axes[a].name for a in src.squeezed_axes]
+    return f"; singleton axes {', '.join(dropped)} not tiled" if dropped else ""
+
+
+def _selection_line(src: ImageSource) -> str:
+    """What a run segments: shape, channels and time points (for the run log)."""
+    from .io import describe_channels
+
+    parts = [f"{src.meta.format}, tiled axes "
+             f"{','.join(src.axes[a].name for a in src.tiled_axes)} {src.tiled_shape}"]
+    if src.channel_axis is not None:
+        chosen = src.channel_names or tuple(str(i) for i in src.channel_indices)
+        parts.append(f"channel(s) {', '.join(chosen)} of {describe_channels(src)}")
+    if src.time_axis is not None:
+        parts.append(f"{src.shape[src.time_axis]} time point(s)")
+    return "; ".join(parts)
+
+
+def _channel_line(args: argparse.Namespace, src: ImageSource) -> str:
+    from .io import describe_channels
+
+    if src.channel_axis is not None:
+        how = "given" if args.channel_axis is not None else f"from the {src.meta.format} metadata"
+        line = (f"channels:   axis {src.channel_axis} ({src.axes[src.channel_axis].name!r}, "
+                f"{how}), {src.shape[src.channel_axis]} channel(s): {describe_channels(src)}")
+        if src.channels is not None:
+            chosen = src.channel_names or tuple(str(i) for i in src.channel_indices)
+            return line + f"; segmenting {', '.join(chosen)}"
+        return line + "; all are given to the method (--channel NAME|INDEX chooses)"
+    axis, why, _ = guess_channel_axis(src.shape)
+    if src.meta.axes_known or axis is None:
+        return ("channels:   none" + ("" if src.meta.axes_known else f" ({why})")
+                + "; pass --channel-axis N if an axis holds channels")
     return (f"channels:   axis {axis} may hold channels ({why}; a guess: it could also be a "
             f"thin stack); pass --channel-axis {axis} if so")
 
@@ -1114,19 +1216,14 @@ def _plan_lines(args: argparse.Namespace, src: ImageSource) -> list[str]:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """``blockbuster info``: describe an image, or the state of an output."""
-    from .errors import InputError
-
     path = Path(args.input)
     found = _find_output(path)
     if found is not None:
         lines = _describe_output(path, *found)
-    elif not path.exists():
-        works = [w for w in _work_dirs(path) if _has_run(w)]
-        if not works:
-            raise InputError(f"input not found: {path}")
-        lines = _describe_unwritten(path, works[0])
-    else:
-        lines = _describe_input(args, path)
+    elif not path.exists() and any(_has_run(w) for w in _work_dirs(path)):
+        lines = _describe_unwritten(path, next(w for w in _work_dirs(path) if _has_run(w)))
+    else:  # an image: a path, a URL, or file.h5/dataset (open_image says if it is not found)
+        lines = _describe_input(args, args.input)
     print("\n".join(lines))
     return EXIT_OK
 

@@ -50,6 +50,7 @@ __all__ = [
     "level_transforms",
     "ngff_version",
     "downsample_block",
+    "axes_calibration",
 ]
 
 #: Downsampled levels stop once the image fits within this many voxels in y and x (or one
@@ -118,10 +119,16 @@ def _update_ome_attrs(group: zarr.Group, updates: dict[str, Any],
 
 
 def _normalise_axes(axes: Sequence[Any]) -> list[dict[str, Any]]:
-    """NGFF axis dicts from names or dicts (``"c"`` -> channel, ``"t"`` -> time, else space)."""
+    """NGFF axis dicts from names, dicts or :class:`blockbuster.io.Axis` objects.
+
+    Names map ``"c"`` to channel, ``"t"`` to time, anything else to space; an ``Axis`` keeps its
+    type and unit.
+    """
     out = []
     for axis in axes:
-        if isinstance(axis, str):
+        if hasattr(axis, "to_ngff"):
+            out.append(dict(axis.to_ngff()))
+        elif isinstance(axis, str):
             kind = {"c": "channel", "t": "time"}.get(axis, "space")
             out.append({"name": axis, "type": kind})
         elif isinstance(axis, dict) and "name" in axis:
@@ -143,6 +150,25 @@ def _default_axes(ndim: int) -> list[dict[str, Any]]:
 def _spatial(axes: list[dict[str, Any]]) -> list[int]:
     return [i for i, a in enumerate(axes)
             if a.get("type") == "space" or (a.get("type") is None and a["name"] in "zyx")]
+
+
+def axes_calibration(axes: Sequence[Any] | None
+                     ) -> tuple[list[float] | None, list[float] | None]:
+    """Scale and translation carried by :class:`blockbuster.io.Axis` objects, else None.
+
+    Examples
+    --------
+    >>> from blockbuster.io import Axis
+    >>> axes_calibration([Axis("z", "space", "micrometer", 2.0, 10.0), Axis("y"), Axis("x")])
+    ([2.0, 1.0, 1.0], [10.0, 0.0, 0.0])
+    >>> axes_calibration(["y", "x"])
+    (None, None)
+    """
+    if not axes or not all(hasattr(a, "scale") and hasattr(a, "translation") for a in axes):
+        return None, None
+    scale = [float(a.scale) for a in axes]
+    translation = [float(a.translation) for a in axes]
+    return scale, translation if any(translation) else None
 
 
 # -- pyramid geometry ------------------------------------------------------------------------
@@ -451,14 +477,6 @@ class _Parent:
     chunks: tuple[int, ...]  # level-0 chunks, label axes only
 
 
-def _is_ome_image(path: Path) -> bool:
-    try:
-        group = zarr.open_group(str(path), mode="r")
-    except Exception:  # not a group at all
-        return False
-    return bool(_ome_attrs(group).get("multiscales"))
-
-
 def _read_parent(image_group: str | os.PathLike) -> _Parent:
     path = Path(image_group)
     try:
@@ -558,6 +576,7 @@ def create_label_level0(
     compressors: Any = "auto",
     shards: Sequence[int] | None = None,
     zarr_format: int | None = None,
+    axes: Sequence[Any] | None = None,
 ) -> zarr.Array:
     """Create the empty full-resolution array of a label image, to be written in place.
 
@@ -590,6 +609,10 @@ def create_label_level0(
         Shard shape (zarr v3 only), for very many chunks.
     zarr_format : {3, 2}, optional
         For a standalone label image without source image (default 3 -> NGFF 0.5).
+    axes : sequence of str, dict or blockbuster.io.Axis, optional
+        Label axes (default: the image's without its channel axis, else z/y/x names), e.g.
+        ``source.label_axes`` of the :class:`blockbuster.io.ImageSource` segmented. Inside an
+        image they must have the image's names.
 
     Returns
     -------
@@ -619,7 +642,14 @@ def create_label_level0(
     dtype = np.dtype(dtype)
     if not np.issubdtype(dtype, np.integer):
         raise InputError(f"NGFF label images must have an integer dtype, not {dtype}")
-    axes = parent.axes if parent is not None else _default_axes(len(shape))
+    if axes is not None:
+        axes = _normalise_axes(axes)
+        if parent is not None and standalone_path is None and (
+                [a["name"] for a in axes] != [a["name"] for a in parent.axes]):
+            raise InputError(f"label axes {[a['name'] for a in axes]} differ from the image's "
+                             f"{[a['name'] for a in parent.axes]}")
+    else:
+        axes = parent.axes if parent is not None else _default_axes(len(shape))
     if len(axes) != len(shape):
         raise InputError(f"labels of shape {shape} do not match axes "
                          f"{[a['name'] for a in axes]}")
@@ -717,8 +747,11 @@ def finalize_ome_labels(
     ----------
     image_group, name, standalone_path
         The same location as given to :func:`create_label_level0`.
-    axes : sequence of str or dict, optional
-        Label axes (default: the image's without channel, else z/y/x names).
+    axes : sequence of str, dict or blockbuster.io.Axis, optional
+        Label axes (default: the image's without channel, else z/y/x names). For a standalone
+        label image, :class:`blockbuster.io.Axis` objects (``source.label_axes``) also give
+        the units, and the voxel size and offset unless ``scale``/``translation`` are given;
+        inside an image, the image's own transformations are kept.
     scale, translation : sequence of float, optional
         Level-0 voxel size and offset (default: the image's level 0, else 1 and 0). Giving
         either replaces the image's transformations.
@@ -747,6 +780,10 @@ def finalize_ome_labels(
         raise InputError(f"axes {[a['name'] for a in label_axes]} do not match labels of "
                          f"shape {level0.shape}")
 
+    if standalone_path is not None or parent is None:
+        axis_scale, axis_translation = axes_calibration(axes)
+        if scale is None and translation is None and axis_scale is not None:
+            scale, translation = axis_scale, axis_translation
     factors, shapes, transforms, common = _plan(level0, parent, label_axes, scale, translation,
                                                 n_levels, inside=standalone_path is None)
     build_pyramid(group, factors, method="mode", workers=workers, shapes=shapes)
@@ -866,7 +903,23 @@ def write_multiscales(
     })
     if common:
         multiscale["coordinateTransformations"] = common
+    multiscale = _validated_multiscale(multiscale, version)
     _update_ome_attrs(group, {"multiscales": [multiscale], **(extra or {})}, drop=drop)
+
+
+def _validated_multiscale(multiscale: dict[str, Any], version: str) -> dict[str, Any]:
+    """The multiscale as ome-zarr-models validates and writes it (NGFF 0.4 or 0.5)."""
+    if version == "0.5":
+        from ome_zarr_models.v05.multiscales import Multiscale as Model
+    else:
+        from ome_zarr_models.v04.multiscales import Multiscale as Model  # type: ignore[assignment]
+    try:
+        model = Model.model_validate(multiscale)
+    except Exception as exc:  # pydantic's ValidationError lists every problem
+        raise InputError(f"the label image metadata would not be valid NGFF {version}: "
+                         f"{exc}") from exc
+    dumped: dict[str, Any] = model.model_dump(mode="json", exclude_none=True)
+    return dumped
 
 
 def write_ome_labels(
@@ -877,6 +930,7 @@ def write_ome_labels(
     standalone_path: str | os.PathLike | None = None,
     axes: Sequence[Any] | None = None,
     scale: Sequence[float] | None = None,
+    translation: Sequence[float] | None = None,
     n_levels: int | None = None,
     colors: list[dict[str, Any]] | None = None,
     properties: list[dict[str, Any]] | None = None,
@@ -896,8 +950,9 @@ def write_ome_labels(
     image_group : str, os.PathLike or None
         OME-Zarr image to put the labels in (``<image>/labels/<name>``), or the source image
         of a standalone label image.
-    name, standalone_path, axes, scale, n_levels, colors, properties, workers
-        See :func:`create_label_level0` and :func:`finalize_ome_labels`.
+    name, standalone_path, axes, scale, translation, n_levels, colors, properties, workers
+        See :func:`create_label_level0` and :func:`finalize_ome_labels`. ``axes`` may be
+        ``source.label_axes`` (:class:`blockbuster.io.Axis`, with units and calibration).
     overwrite : bool
         Replace an existing label image of that name.
 
@@ -925,23 +980,25 @@ def write_ome_labels(
     if isinstance(labels, zarr.Array) and _is_level0_of(labels, image_group, name,
                                                         standalone_path):
         return finalize_ome_labels(image_group, name, standalone_path=standalone_path,
-                                   axes=axes, scale=scale, n_levels=n_levels, colors=colors,
-                                   properties=properties, workers=workers)
+                                   axes=axes, scale=scale, translation=translation,
+                                   n_levels=n_levels, colors=colors, properties=properties,
+                                   workers=workers)
     source = labels if isinstance(labels, da.Array) else None
     dtype = np.dtype(labels.dtype)
     if dtype.kind == "b":
         dtype = np.dtype(np.uint8)
     chunks = _source_chunks(labels)
     level0 = create_label_level0(image_group, name, tuple(labels.shape), chunks, dtype,
-                                 standalone_path=standalone_path, overwrite=overwrite)
+                                 standalone_path=standalone_path, overwrite=overwrite,
+                                 axes=axes)
     if source is None:
         source = da.from_array(labels, chunks=level0.chunks, asarray=True, lock=False)
     source = source.astype(dtype).rechunk(level0.chunks)
     with dask.config.set(scheduler="threads", num_workers=workers or os.cpu_count() or 1):
         da.store(source, level0, lock=False)  # type: ignore[arg-type]
     return finalize_ome_labels(image_group, name, standalone_path=standalone_path, axes=axes,
-                               scale=scale, n_levels=n_levels, colors=colors,
-                               properties=properties, workers=workers)
+                               scale=scale, translation=translation, n_levels=n_levels,
+                               colors=colors, properties=properties, workers=workers)
 
 
 def _source_chunks(labels: Any) -> tuple[int, ...] | None:

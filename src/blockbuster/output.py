@@ -32,7 +32,9 @@ __all__ = [
     "WORK_SUFFIX",
     "OutputTarget",
     "completion",
+    "LabelView",
     "is_blockbuster_output",
+    "label_chunks",
     "mark_complete",
     "missing_chunks",
     "ome_work_dir",
@@ -70,6 +72,8 @@ class OutputTarget:
     ome_name: str | None = None
     ome_image: Path | None = None
     ome_standalone: bool = False
+    #: the label axes (the input's without channels, with their calibration)
+    axes: tuple[Any, ...] | None = None
 
     @property
     def is_ome(self) -> bool:
@@ -104,12 +108,15 @@ class OutputTarget:
         self.remove(claimed=True)
         if not self.is_ome:
             store = str(self.path) if self.path is not None else self.store
+            names = [a.name for a in self.axes] if self.axes else None
             return zarr.create_array(store=store, shape=shape, chunks=chunks, dtype=dtype,
-                                     fill_value=0, attributes=attrs, overwrite=replace_store)
+                                     fill_value=0, attributes=attrs, overwrite=replace_store,
+                                     dimension_names=names)
         from .ome import create_label_level0
 
         arr = create_label_level0(self.ome_image, self.ome_name, shape, chunks, dtype,
-                                  standalone_path=self.path if self.ome_standalone else None)
+                                  standalone_path=self.path if self.ome_standalone else None,
+                                  axes=self.axes)
         arr.attrs.update(attrs)
         return arr
 
@@ -169,7 +176,8 @@ class OutputTarget:
             from .ome import finalize_ome_labels
 
             finalize_ome_labels(self.ome_image, self.ome_name,
-                                standalone_path=self.path if self.ome_standalone else None)
+                                standalone_path=self.path if self.ome_standalone else None,
+                                axes=self.axes)
 
     def owned(self) -> bool:
         """Whether what lies at the output location was written by blockbuster."""
@@ -316,6 +324,15 @@ def ome_work_dir(image: Path, label_name: str) -> Path:
 
 
 def resolve_output(output: Any, source: ImageSource, work_dir: Any, ome: bool | None,
+                   label_name: str) -> OutputTarget:
+    """Where a run on ``source`` writes its labels (see :func:`tile_process`'s ``output``)."""
+    from dataclasses import replace
+
+    target = _resolve_output(output, source, work_dir, ome, label_name)
+    return replace(target, axes=source.label_axes)
+
+
+def _resolve_output(output: Any, source: ImageSource, work_dir: Any, ome: bool | None,
                     label_name: str) -> OutputTarget:
     def work_for(path: Path) -> Path:
         return Path(work_dir) if work_dir else work_dir_for(path)
@@ -326,6 +343,9 @@ def resolve_output(output: Any, source: ImageSource, work_dir: Any, ome: bool | 
         group = source.path / "labels" / label_name
         work = Path(work_dir) if work_dir else ome_work_dir(source.path, label_name)
         return OutputTarget(group, None, work, ome_name=label_name, ome_image=source.path)
+    if output is None and source.path is None and source.url is not None:
+        raise InputError(f"the input {source.url} is remote: give an $output path on this "
+                         "machine (the work directory stays next to it)")
     if output is None:
         if source.path is not None:
             output = default_output_path(source.path)
@@ -365,8 +385,63 @@ def completion(arr: zarr.Array) -> dict[str, Any] | None:
     return meta if isinstance(meta, dict) else None
 
 
-def verify_output(target: OutputTarget, grid: TileGrid, manifest: dict[str, Any],
-                  has_labels: np.ndarray | None) -> None:
+class LabelView:
+    """The output array as the tiles see it: indexed over the image's tiled axes.
+
+    The label array has the input's axes without the channel axis, singleton axes kept, so that
+    it lines up with its image in a viewer; a tile's region (over the tiled axes: time and
+    space) maps into it through :meth:`ImageSource.label_index`. Picklable (a worker writes
+    through it).
+
+    Examples
+    --------
+    >>> import zarr
+    >>> from blockbuster.io import open_image
+    >>> image = zarr.create_array({}, shape=(1, 6, 4), dtype="uint8",
+    ...                           dimension_names=("z", "y", "x"))  # a 2-D plane stored as 3-D
+    >>> source = open_image(image)
+    >>> labels = zarr.create_array({}, shape=source.label_shape, chunks=(1, 3, 4), dtype="u4")
+    >>> view = LabelView(labels, source)
+    >>> view[0:3, 0:4] = np.ones((3, 4), np.uint32)
+    >>> labels[0, :, 0].tolist(), view.chunk_index((slice(3, 6), slice(0, 4)))
+    ([1, 1, 1, 0, 0, 0], (0, 1, 0))
+    """
+
+    def __init__(self, array: zarr.Array, source: ImageSource):
+        self.array = array
+        self.source = source
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.array.dtype)
+
+    def _index(self, region: tuple[slice, ...]) -> tuple[tuple[slice, ...], tuple[int, ...]]:
+        index = self.source.label_index(region)
+        return index, tuple(s.stop - s.start for s in index)
+
+    def __getitem__(self, region: tuple[slice, ...]) -> np.ndarray:
+        index, _ = self._index(region)
+        return np.asarray(self.array[index]).reshape(
+            tuple(s.stop - s.start for s in region))
+
+    def __setitem__(self, region: tuple[slice, ...], values: np.ndarray) -> None:
+        index, shape = self._index(region)
+        self.array[index] = np.asarray(values).reshape(shape)
+
+    def chunk_index(self, region: tuple[slice, ...]) -> tuple[int, ...]:
+        """The index of the output chunk a tile's core is."""
+        index, _ = self._index(region)
+        return tuple(s.start // c for s, c in zip(index, self.array.chunks, strict=True))
+
+
+def label_chunks(source: ImageSource, grid: TileGrid) -> tuple[int, ...]:
+    """The output's chunk shape: a tile core, over the label axes (1 on singleton axes)."""
+    index = source.label_index(tuple(slice(0, c) for c in grid.tile_shape))
+    return tuple(s.stop - s.start for s in index)
+
+
+def verify_output(target: OutputTarget, view: LabelView, grid: TileGrid,
+                  manifest: dict[str, Any], has_labels: np.ndarray | None) -> None:
     """Check what the run wrote before it may be called complete.
 
     The output must still be there, unchanged (its shape, tile chunks and this run's marker),
@@ -384,21 +459,23 @@ def verify_output(target: OutputTarget, grid: TileGrid, manifest: dict[str, Any]
         return IncompleteOutputError(
             f"the labels written to {where} are not what this run wrote: {problem}. Was the "
             "output moved or deleted during the run? It is left unfinished; rerun with "
-            "resume=True to redo what is missing")
+            "$resume to redo what is missing")
 
     try:
         out = target.open()
-    except Exception as exc:  # missing metadata, or not an array any more
+    except Exception as exc:  # noqa: BLE001 -- missing metadata, or not an array any more
         raise fail(f"it cannot be opened ({type(exc).__name__}: {exc})") from exc
     meta = completion(out) or {}
     if meta.get("params") != manifest["params"]:
         raise fail("its blockbuster marker is missing or belongs to another run")
-    if tuple(out.shape) != grid.shape or tuple(out.chunks) != grid.tile_shape:
+    shape, chunks = view.source.label_shape, label_chunks(view.source, grid)
+    if tuple(out.shape) != shape or tuple(out.chunks) != chunks:
         raise fail(f"its shape {out.shape} / chunks {out.chunks} are not the run's "
-                   f"{grid.shape} / {grid.tile_shape}")
+                   f"{shape} / {chunks}")
     if has_labels is None:
         return
-    missing = missing_chunks(out, [grid.tile(int(t)).index for t in np.flatnonzero(has_labels)])
+    wanted = [view.chunk_index(grid.tile(int(t)).core) for t in np.flatnonzero(has_labels)]
+    missing = missing_chunks(out, wanted)
     if missing:
         shown = ", ".join(str(i) for i in missing[:5]) + (", ..." if len(missing) > 5 else "")
         raise fail(f"{len(missing)} tile(s) with objects have no stored chunk ({shown})")
@@ -419,10 +496,16 @@ def missing_chunks(arr: zarr.Array, indices: list[tuple[int, ...]]) -> list[tupl
 
 
 def mark_complete(out: zarr.Array, manifest: dict[str, Any], n_labels: int, *,
-                  table: str | None = None) -> None:
-    """Mark a finished output: written last, so its presence means everything is there."""
-    meta = {"complete": True, "params": manifest["params"], "n_labels": int(n_labels),
-            "format": FORMAT_VERSION}
+                  table: str | None = None, statistics: dict[str, Any] | None = None) -> None:
+    """Mark a finished output: written last, so its presence means everything is there.
+
+    ``statistics``: the global values the segmenter computed from the whole image (threshold,
+    percentiles), so that a run can be compared and reproduced.
+    """
+    meta: dict[str, Any] = {"complete": True, "params": manifest["params"],
+                            "n_labels": int(n_labels), "format": FORMAT_VERSION}
     if table is not None:
         meta["table"] = table
+    if statistics:
+        meta["statistics"] = statistics
     out.attrs["blockbuster"] = meta

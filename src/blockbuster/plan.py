@@ -80,8 +80,15 @@ class RunPlan:
         """The parameters that define the result: a resumed run must have the same."""
         source, mode = self.source, self.stitch.mode
         mask = self.mask
+        meta = source.meta
         return {
-            "input": str(source.path.resolve()) if source.path else f"<in-memory {source.kind}>",
+            "input": (str(source.path.resolve()) if source.path else source.url
+                      or f"<in-memory {source.kind}>"),
+            "dataset": meta.dataset,
+            "series": meta.series,
+            "level": meta.level,
+            "channels": list(source.channels) if source.channels is not None else None,
+            "fixed": [list(f) for f in source.fixed],
             "shape": list(source.shape),
             "dtype": source.dtype.str,
             "channel_axis": source.channel_axis,
@@ -100,8 +107,10 @@ class RunPlan:
     def predicted_peak_bytes(self) -> int:
         from .sizing import predict_peak_bytes
 
-        return predict_peak_bytes(self.grid.tile_shape, self.source.dtype,
-                                  overlap=self.grid.depth, channels=self.source.n_channels,
+        linked = self.grid.linked_axes
+        return predict_peak_bytes(tuple(self.grid.tile_shape[a] for a in linked),
+                                  self.source.dtype, overlap=tuple(self.grid.depth[a] for a in linked),
+                                  channels=self.source.n_channels,
                                   memory_model=self.segmenter.memory_model,
                                   image_shape=self.source.spatial_shape)
 
@@ -109,10 +118,18 @@ class RunPlan:
         """The one line every run logs before its first tile."""
         from .sizing import format_bytes
 
-        grid = self.grid
-        return (f"tile shape {grid.tile_shape}, overlap {grid.depth}, {grid.n_tiles} "
+        grid, source = self.grid, self.source
+        linked = grid.linked_axes
+        line = (f"tile shape {tuple(grid.tile_shape[a] for a in linked)}, overlap "
+                f"{tuple(grid.depth[a] for a in linked)}, {grid.n_tiles} "
                 f"tile{'' if grid.n_tiles == 1 else 's'}, stitch={self.stitch.mode}, predicted "
                 f"peak memory {format_bytes(self.predicted_peak_bytes())}")
+        if grid.unlinked_axes:
+            line += f"; {grid.shape[grid.unlinked_axes[0]]} time points, each on its own"
+        if source.channel_axis is not None:
+            names = source.channel_names or tuple(str(i) for i in source.channel_indices)
+            line += f"; channel(s) {', '.join(map(str, names))}"
+        return line
 
     def summary(self) -> dict[str, Any]:
         """The plan as plain data (``info --json``, ``segment --dry-run``)."""
@@ -193,13 +210,14 @@ def make_plan(
                                   ndim)
     note = None
     if tile_chunks is None:
-        tile_chunks, note = _tile_chunks(tile_shape, source, overlap_t, info, use_gpu, memory)
+        spatial_chunks, note = _tile_chunks(tile_shape, source, overlap_t, info, use_gpu, memory)
+        grid = _grid(source, spatial_chunks, overlap_t)
     else:
         log.info("resuming with the run's tile shape (tile_shape=%r is not sized again)",
                  tile_shape)
-    grid = _grid(source.spatial_shape, tile_chunks, overlap_t)
+        grid = _grid(source, _spatial_part(source, tile_chunks), overlap_t)
     mode = _stitch_mode(stitch.mode, info, grid)
-    check_mode(mode, grid.depth, stitch.connectivity, grid.ndim)
+    check_mode(mode, grid.depth, stitch.connectivity, len(grid.linked_axes))
     resolved = StitchOptions(mode, float(stitch.iou_threshold), stitch.connectivity)
     return RunPlan(source, fn, info, grid, resolved, mask=mask, skip_empty=bool(skip_empty),
                    table=bool(table), retries=int(retries), sizing_note=note,
@@ -238,8 +256,10 @@ def _tile_chunks(tile_shape: Any, source: ImageSource, overlap: tuple[int, ...],
     return sizing.validate_tile_shape(tile_shape, spatial), None
 
 
-def _grid(spatial: tuple[int, ...], chunks: Any, overlap: tuple[int, ...]) -> TileGrid:
-    grid = TileGrid(spatial, chunks)
+def _grid(source: ImageSource, spatial_chunks: Any, overlap: tuple[int, ...]) -> TileGrid:
+    """The grid over the image's tiled axes: space as planned, time one point per tile."""
+    spatial = source.spatial_shape
+    grid = TileGrid(spatial, spatial_chunks)
     depth = clip_depth(overlap, grid.chunks)
     clipped = [ax for ax, (o, d) in enumerate(zip(overlap, depth, strict=True))
                if d < o and len(grid.chunks[ax]) > 1]
@@ -251,7 +271,23 @@ def _grid(spatial: tuple[int, ...], chunks: Any, overlap: tuple[int, ...]) -> Ti
             UserWarning, stacklevel=4)
     elif clipped:
         log.info("overlap %s reduced to %s on axes with tiles one voxel deep", overlap, depth)
-    return TileGrid(spatial, grid.chunks, depth)
+    times = source.time_positions
+    chunks, depths, space = [], [], iter(zip(grid.chunks, depth, strict=True))
+    for position, size in enumerate(source.tiled_shape):
+        if position in times:  # each time point on its own, never stitched to the next
+            chunks.append((1,) * size)
+            depths.append(0)
+        else:
+            c, d = next(space)
+            chunks.append(c)
+            depths.append(d)
+    return TileGrid(source.tiled_shape, tuple(chunks), tuple(depths), unlinked_axes=times)
+
+
+def _spatial_part(source: ImageSource, tile_chunks: TileChunks) -> TileChunks:
+    """The spatial axes' chunks of a grid over the tiled axes (a resumed run's tiles)."""
+    times = source.time_positions
+    return tuple(c for i, c in enumerate(tile_chunks) if i not in times)
 
 
 def _stitch_mode(stitch: str, info: SegmenterInfo, grid: TileGrid) -> str:

@@ -130,8 +130,8 @@ def _read_plane(src: ImageSource, lead: list[int], window: tuple[slice, slice], 
         region = tuple(slice(p, p + 1) for p in lead) + (slice(y0, min(y0 + rows, ys.stop)),
                                                          xs)
         block = src.read(region)
-        if src.channel_axis is not None:
-            block = np.take(block, channel, axis=src.channel_axis)
+        if src.tile_channel_axis is not None:
+            block = np.take(block, channel, axis=src.tile_channel_axis)
         block = block.reshape(block.shape[-2:])
         if labels:
             bands.append(block[::factor, ::factor])
@@ -244,6 +244,8 @@ def save_preview(
     if not 0 <= fill_alpha <= 1:
         raise InputError(f"fill_alpha must be in [0, 1], got {fill_alpha}")
     src = open_image(image, channel_axis=channel_axis)
+    if src.time_axis in src.tiled_axes:
+        src = src.time_point(0)  # a preview shows the first time point
     spatial = src.spatial_shape
     if len(spatial) < 2:
         raise InputError(f"a preview needs at least 2 spatial axes, got shape {src.shape}")

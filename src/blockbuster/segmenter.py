@@ -9,8 +9,9 @@ compute global normalisation percentiles, so that neighbouring tiles see the sam
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -109,8 +110,20 @@ class Segmenter:
         """Look at the whole image once, before any tile runs (global statistics).
 
         ``image`` is an :class:`blockbuster.io.ImageSource`; use ``image.to_dask()`` or
-        ``image.sample(...)`` to stream over it. Never load the whole image.
+        ``image.sample(...)`` to stream over it. Never load the whole image. Tiles will have
+        their channels at ``image.segment_channel_axis``. Record what was computed in
+        ``self._statistics`` (see :attr:`statistics`).
         """
+
+    @property
+    def statistics(self) -> dict[str, Any]:
+        """Global values ``prepare()`` computed (threshold, percentiles) and how they were
+        sampled; empty before ``prepare()`` or when nothing global is computed.
+
+        JSON-serialisable, meant to be stored with the output so that a run can be compared
+        and reproduced.
+        """
+        return dict(getattr(self, "_statistics", None) or {})
 
     def config(self) -> dict[str, Any]:
         """Parameters that define the result; a resumed run must have the same ones."""

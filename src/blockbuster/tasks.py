@@ -101,9 +101,11 @@ def read_tile(ctx: TaskContext, tile_id: int) -> tuple[Tile, np.ndarray | None]:
     (an in-memory input is copied, not viewed).
     """
     tile = ctx.grid.tile(tile_id)
-    if ctx.mask is not None and not _has_foreground(ctx.mask, tile, ctx.grid.shape):
+    if ctx.mask is not None and not _has_foreground(ctx.mask, tile, ctx.grid):
         return tile, None
     data = ctx.source.read(tile.padded)
+    if ctx.grid.unlinked_axes:  # one time point: segmenters see space (and channels) only
+        data = np.squeeze(data, axis=_time_positions(ctx))
     if not data.flags.owndata or not data.flags.writeable:
         data = data.copy()  # a view of the caller's array (NumPy, memmap, dask on NumPy)
     if ctx.skip_empty and data.size and data.min() == data.max():
@@ -111,10 +113,20 @@ def read_tile(ctx: TaskContext, tile_id: int) -> tuple[Tile, np.ndarray | None]:
     return tile, data
 
 
-def _has_foreground(mask: ImageSource, tile: Tile, shape: tuple[int, ...]) -> bool:
+def _time_positions(ctx: TaskContext) -> tuple[int, ...]:
+    """Where the (one-point) time axis is in the arrays the source reads."""
+    channel = ctx.source.tile_channel_axis
+    return tuple(p + (1 if channel is not None and channel <= p else 0)
+                 for p in ctx.grid.unlinked_axes)
+
+
+def _has_foreground(mask: ImageSource, tile: Tile, grid: TileGrid) -> bool:
     """Whether the mask (at any resolution) has foreground under the tile's core."""
     region = []
-    for core, full, small in zip(tile.core, shape, mask.spatial_shape, strict=True):
+    linked = grid.linked_axes
+    core_region = [tile.core[a] for a in linked]
+    shape = [grid.shape[a] for a in linked]
+    for core, full, small in zip(core_region, shape, mask.spatial_shape, strict=True):
         scale = small / full
         lo = min(math.floor(core.start * scale), small - 1)
         hi = max(math.ceil(core.stop * scale), lo + 1)
@@ -175,17 +187,19 @@ def check_result(ctx: TaskContext, tile: Tile, result: Any) -> np.ndarray:
                    "returns (labels, count): use its first item)")
     try:
         labels = np.asarray(result)
-    except Exception as exc:  # anything array-like may fail to convert in its own way
+    except Exception as exc:  # noqa: BLE001 -- anything array-like fails in its own way
         raise fail(f"a {type(result).__name__} that is not an array ({exc})") from exc
-    if labels.shape != tile.padded_shape:
+    expected = tuple(n for a, n in enumerate(tile.padded_shape)
+                     if a not in ctx.grid.unlinked_axes)
+    if labels.shape != expected:
         raise fail(f"an array of shape {labels.shape}; expected the tile's spatial shape "
-                   f"{tile.padded_shape}")
+                   f"{expected}")
     if labels.dtype == bool or not np.issubdtype(labels.dtype, np.integer):
         raise fail(f"dtype {labels.dtype}; labels must be integers (0 = background). If this is "
                    "a mask, label it first, e.g. with scipy.ndimage.label")
     if np.issubdtype(labels.dtype, np.signedinteger) and labels.size and labels.min() < 0:
         raise fail("negative labels; labels must be >= 0 (0 = background)")
-    return labels
+    return labels.reshape(tile.padded_shape)  # the time point's axis back (length 1)
 
 
 def summarize(ctx: TaskContext, tile: Tile, result: Any) -> SegmentedTile:

@@ -12,6 +12,7 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 from dask.array.core import normalize_chunks
@@ -36,10 +37,6 @@ class Tile:
     def inner(self) -> Region:
         """The core, in coordinates relative to the padded region."""
         return tuple(slice(c.start - p.start, c.stop - p.start) for c, p in zip(self.core, self.padded))
-
-    @property
-    def core_shape(self) -> tuple[int, ...]:
-        return tuple(s.stop - s.start for s in self.core)
 
     @property
     def padded_shape(self) -> tuple[int, ...]:
@@ -115,12 +112,19 @@ class TileGrid:
     ((slice(4, 8, None), slice(4, 7, None)), (slice(3, 9, None), slice(3, 7, None)))
     """
 
-    def __init__(self, shape: Sequence[int], chunks, depth: Sequence[int] | None = None):
+    def __init__(self, shape: Sequence[int], chunks: Any, depth: Sequence[int] | None = None,
+                 unlinked_axes: Sequence[int] = ()):
         self.shape = tuple(int(s) for s in shape)
         self.chunks: tuple[tuple[int, ...], ...] = normalize_chunks(chunks, self.shape)
         self.depth = tuple(depth) if depth is not None else (0,) * len(self.shape)
         if len(self.depth) != len(self.shape):
             raise InputError(f"depth {self.depth} does not match {len(self.shape)} axes")
+        #: axes tiles are never stitched across (time: each time point is segmented on its own)
+        self.unlinked_axes = tuple(sorted(int(a) for a in unlinked_axes))
+        for axis in self.unlinked_axes:
+            if self.depth[axis] or max(self.chunks[axis]) != 1:
+                raise InputError(f"axis {axis} is not stitched: its tiles must be one voxel deep "
+                                 "with no halo")
 
     # -- geometry ---------------------------------------------------------------------------
     @property
@@ -175,24 +179,22 @@ class TileGrid:
         offsets = []
         for off in itertools.product((-1, 0, 1), repeat=self.ndim):
             nz = [o for o in off if o]
+            if any(off[a] for a in self.unlinked_axes):
+                continue
             if nz and nz[0] > 0 and len(nz) <= limit:
                 offsets.append(off)
         return offsets
+
+    @property
+    def linked_axes(self) -> tuple[int, ...]:
+        """The axes tiles are stitched across (the spatial ones)."""
+        return tuple(a for a in range(self.ndim) if a not in self.unlinked_axes)
 
     def neighbour(self, index: tuple[int, ...], offset: tuple[int, ...]) -> tuple[int, ...] | None:
         other = tuple(i + o for i, o in zip(index, offset))
         if all(0 <= j < n for j, n in zip(other, self.grid_shape)):
             return other
         return None
-
-    def pairs(self, max_nonzero: int | None = None) -> Iterator[tuple[Tile, Tile, tuple[int, ...]]]:
-        """Every pair of neighbouring tiles once, as ``(a, b, offset of b from a)``."""
-        offsets = self.forward_offsets(max_nonzero)
-        for a in self:
-            for off in offsets:
-                j = self.neighbour(a.index, off)
-                if j is not None:
-                    yield a, self.tile(j), off
 
     def overlap_region(self, a: Tile, b: Tile) -> Region | None:
         """Where the padded regions of two tiles intersect (None if they don't)."""
@@ -223,7 +225,3 @@ class TileGrid:
         slab = list(tile.padded)
         slab[axis] = slice(lo, hi)
         return tuple(slab)
-
-    def describe(self) -> str:
-        return (f"{self.n_tiles} tiles of {self.tile_shape} (grid {self.grid_shape}), "
-                f"halo {self.depth}")

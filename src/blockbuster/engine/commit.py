@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import zarr
 
 from ..errors import BlockbusterError, TileError, TileFailures
 from ..stitching import (
@@ -35,6 +34,7 @@ from ..stitching import (
     TileBoundary,
     apply_changes,
 )
+from ..output import LabelView
 from ..tasks import SegmentedTile
 from ..tiling import Tile, TileGrid
 from .state import Entry, EntryRef, PackWriter, RunState
@@ -57,7 +57,7 @@ class WriteJob:
     glabels: np.ndarray
 
 
-def write_jobs(output: zarr.Array, grid: TileGrid, work_path: Any, jobs: list[WriteJob],
+def write_jobs(output: LabelView, grid: TileGrid, work_path: Any, jobs: list[WriteJob],
                ) -> list[int]:
     """Write tiles from their kept labels (runs on a worker); returns their ids."""
     from pathlib import Path
@@ -84,7 +84,7 @@ class Committer:
     state, writer
         The run's state (read at the start) and this process's pack writer.
     output
-        The output array (uint32, or uint64 once more objects were found).
+        The output, seen over the tiled axes (uint32, or uint64 once more objects were found).
     convert_to_uint64
         Called when the labels outgrow uint32: converts the output and returns the new array.
     remote_writes
@@ -93,7 +93,7 @@ class Committer:
     """
 
     def __init__(self, grid: TileGrid, stitcher: Stitcher, state: RunState, writer: PackWriter,
-                 output: zarr.Array, convert_to_uint64: Callable[[], zarr.Array], *,
+                 output: LabelView, convert_to_uint64: Callable[[], LabelView], *,
                  remote_writes: bool = False, on_progress: Callable[[SegmentedTile], None] |
                  None = None):
         self.grid = grid

@@ -27,8 +27,10 @@ import zarr
 from ..errors import InputError, OutputExistsError
 from ..output import (
     FORMAT_VERSION,
+    LabelView,
     OutputTarget,
     completion,
+    label_chunks,
     mark_complete,
     verify_output,
 )
@@ -150,8 +152,12 @@ def execute(plan: RunPlan, target: OutputTarget, work: WorkDir, manifest: dict[s
     try:
         if isinstance(plan.fn, Segmenter):
             plan.fn.prepare(plan.source)
-        committer = Committer(grid, plan.stitcher(), state, writer, output,
-                              lambda: target.convert_to_uint64(committer.output),
+        view = LabelView(output, plan.source)
+
+        def to_uint64() -> LabelView:
+            return LabelView(target.convert_to_uint64(committer.output.array), plan.source)
+
+        committer = Committer(grid, plan.stitcher(), state, writer, view, to_uint64,
                               remote_writes=executor.remote_writes)
         todo = [t for t in range(grid.n_tiles) if t not in state.seg]
         done = grid.n_tiles - len(todo)
@@ -165,15 +171,16 @@ def execute(plan: RunPlan, target: OutputTarget, work: WorkDir, manifest: dict[s
         committer.check_done()
         writer.sync()
         result = _end_pass(plan, committer, writer, progress)
-        output = committer.output
-        verify_output(target, grid, manifest, result.has_labels)
+        output = committer.output.array
+        verify_output(target, committer.output, grid, manifest, result.has_labels)
         target.finalize()
         if table_path is not None and result.table is not None:
             from ..table import write_object_table
 
             write_object_table(result.table, table_path)
         mark_complete(output, manifest, result.n_labels,
-                      table=str(table_path) if table_path is not None else None)
+                      table=str(table_path) if table_path is not None else None,
+                      statistics=plan.fn.statistics if isinstance(plan.fn, Segmenter) else None)
     finally:
         writer.close()
         state.close()
@@ -202,7 +209,8 @@ def _create_output(target: OutputTarget, plan: RunPlan, manifest: dict[str, Any]
                    uint64: bool) -> zarr.Array:
     attrs = {"blockbuster": {"complete": False, "params": manifest["params"]}}
     dtype = np.dtype(np.uint64 if uint64 else np.uint32)
-    return target.create(plan.grid.shape, plan.grid.tile_shape, dtype, attrs)
+    return target.create(plan.source.label_shape, label_chunks(plan.source, plan.grid), dtype,
+                         attrs)
 
 
 def _end_pass(plan: RunPlan, committer: Committer, writer: PackWriter,

@@ -10,8 +10,8 @@ Here the percentiles are computed once from a streamed subsample of the whole im
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -21,8 +21,16 @@ from ..errors import InputError
 if TYPE_CHECKING:
     from ..io import ImageSource
 
-__all__ = ["NormalizeMode", "Percentiles", "check_mode", "check_percentiles", "normalize_tile",
-           "tile_has_contrast", "image_or_tile_percentiles", "network_input"]
+__all__ = [
+    "NormalizeMode",
+    "Percentiles",
+    "check_mode",
+    "check_percentiles",
+    "image_or_tile_percentiles",
+    "network_input",
+    "normalize_tile",
+    "tile_has_contrast",
+]
 
 NormalizeMode = Literal["global", "tile", "none"]
 _MODES = ("global", "tile", "none")
@@ -101,6 +109,14 @@ class Percentiles:
                    max_voxels: int = 2_000_000) -> Percentiles:
         """Percentiles of a streamed subsample of the whole image (never read whole)."""
         return cls.from_values(image.sample(max_voxels=max_voxels), percentiles)
+
+    def statistics(self, image: ImageSource, percentiles: tuple[float, float]
+                   ) -> dict[str, Any]:
+        """What the segmenters report in ``statistics`` (JSON-serialisable)."""
+        return {"normalize": "global", "percentiles": list(percentiles),
+                "low": list(self.low), "high": list(self.high),
+                "channels": list(image.channel_names or range(image.n_channels)),
+                "sample": image.sample_info()}
 
     @classmethod
     def from_tile(cls, tile: np.ndarray, channel_axis: int | None,

@@ -218,11 +218,13 @@ class CellposeSegmenter(Segmenter):
     # -- running ------------------------------------------------------------------------------
     def prepare(self, image: ImageSource) -> None:
         """Compute the normalisation percentiles once from a streamed subsample of ``image``."""
+        self.channel_axis = image.segment_channel_axis  # where its tiles hold channels
         if self.do_3D and len(image.spatial_shape) != 3:
             raise InputError(f"do_3D=True needs a 3-D image; this one has spatial shape "
                              f"{image.spatial_shape}")
         if self.normalize == "global":
             self.norm = Percentiles.from_image(image, self.percentiles)
+            self._statistics = self.norm.statistics(image, self.percentiles)
 
     def segment(self, tile: np.ndarray) -> np.ndarray:
         """Cellpose labels (uint32) of one tile; each z-plane separately unless ``do_3D``."""

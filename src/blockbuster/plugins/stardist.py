@@ -209,13 +209,15 @@ class StardistSegmenter(Segmenter):
     # -- running ------------------------------------------------------------------------------
     def prepare(self, image: ImageSource) -> None:
         """Check the image against the model and compute the normalisation percentiles once."""
+        self.channel_axis = image.segment_channel_axis  # where its tiles hold channels
         spatial = len(image.spatial_shape)
         if self.n_dim == 3 and spatial != 3:
             raise InputError(f"{self.model!r} is a 3-D StarDist model; the image has spatial "
                              f"shape {image.spatial_shape}")
-        self._check_channels(image.n_channels, image.channel_axis is not None)
+        self._check_channels(image.n_channels, image.segment_channel_axis is not None)
         if self.normalize == "global":
             self.norm = Percentiles.from_image(image, self.percentiles)
+            self._statistics = self.norm.statistics(image, self.percentiles)
 
     def segment(self, tile: np.ndarray) -> np.ndarray:
         """StarDist labels (int32) of one tile; a 2-D model segments each z-plane on its own."""

@@ -134,12 +134,18 @@ class WatershedSegmenter(Segmenter):
     # -- running ------------------------------------------------------------------------------
     def prepare(self, image: ImageSource) -> None:
         """Compute the foreground threshold once from a streamed subsample of ``image``."""
+        self.channel_axis = image.segment_channel_axis  # where its tiles hold channels
         if self.channel >= image.n_channels:
             raise InputError(f"channel={self.channel} but the image has {image.n_channels} "
                              "channel(s)")
         if self.threshold is None:
             values = image.sample()[:, self.channel]
             self.global_threshold = compute_threshold(values, self.threshold_method)
+            self._statistics = {"threshold": self.global_threshold,
+                                "threshold_method": self.threshold_method,
+                                "channel": self.channel, "sample": image.sample_info()}
+        else:
+            self._statistics = {"threshold": self.threshold, "threshold_method": "given"}
 
     def segment(self, tile: np.ndarray) -> np.ndarray:
         """Label the objects of one tile; returns int32 labels of the tile's spatial shape."""

@@ -82,5 +82,5 @@ def check_mode(stitch: str, depth: tuple[int, ...], connectivity: int, ndim: int
 def make_stitcher(mode: str, grid: TileGrid, *, connectivity: int = 1,
                   iou_threshold: float = 0.5) -> Stitcher:
     """The stitcher of ``mode`` for ``grid`` (arguments checked by :func:`check_mode`)."""
-    check_mode(mode, grid.depth, connectivity, grid.ndim)
+    check_mode(mode, grid.depth, connectivity, len(grid.linked_axes))
     return _STITCHERS[mode](grid, connectivity=connectivity, iou_threshold=iou_threshold)

@@ -63,7 +63,7 @@ class FacesStitcher(Stitcher):
 
     def boundary_arrays(self, tile: Tile, labels: np.ndarray) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
-        for axis in range(self.grid.ndim):
+        for axis in self.grid.linked_axes:
             for side in (0, 1):
                 j = tile.index[axis] + (1 if side else -1)
                 if 0 <= j < self.grid.grid_shape[axis]:

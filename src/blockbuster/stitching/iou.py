@@ -51,7 +51,7 @@ class IouStitcher(Stitcher):
 
     def boundary_arrays(self, tile: Tile, labels: np.ndarray) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
-        for axis in range(self.grid.ndim):
+        for axis in self.grid.linked_axes:
             for side in (0, 1):
                 slab = self.grid.boundary_slab(tile, axis, side)
                 if slab is not None:

@@ -1,0 +1,1 @@
+"""The built-in readers (see :mod:`blockbuster.io.registry`)."""
