@@ -29,11 +29,14 @@ from .errors import (
 
 if TYPE_CHECKING:
     from .io import ImageSource, open_image
+    from .measurements import MeasurementReducer, measure, tile_measurements
     from .output import open_labels
+    from .postprocess import expand_labels, fill_holes, filter_by_size, upsample_labels
+    from .relations import Relations, relate
     from .runner import tile_process
     from .segmenter import MemoryModel, Segmenter
     from .sizing import auto_tile_shape, auto_tile_shape_cellpose, plan_tile_shape
-    from .table import read_object_table
+    from .table import read_object_table, write_table
     from .tiling import TileGrid
 
 __version__ = "0.1.0"
@@ -42,6 +45,15 @@ _LAZY = {
     "ImageSource": "io",
     "open_image": "io",
     "open_labels": "output",
+    "MeasurementReducer": "measurements",
+    "measure": "measurements",
+    "tile_measurements": "measurements",
+    "expand_labels": "postprocess",
+    "fill_holes": "postprocess",
+    "filter_by_size": "postprocess",
+    "upsample_labels": "postprocess",
+    "Relations": "relations",
+    "relate": "relations",
     "tile_process": "runner",
     "MemoryModel": "segmenter",
     "Segmenter": "segmenter",
@@ -49,6 +61,7 @@ _LAZY = {
     "auto_tile_shape_cellpose": "sizing",
     "plan_tile_shape": "sizing",
     "read_object_table": "table",
+    "write_table": "table",
     "TileGrid": "tiling",
 }
 
@@ -57,11 +70,13 @@ __all__ = [
     "ImageSource",
     "IncompleteOutputError",
     "InputError",
+    "MeasurementReducer",
     "MemoryModel",
     "NoGPUError",
     "OutputExistsError",
     "OutputLockedError",
     "PluginNotInstalledError",
+    "Relations",
     "ResumeMismatchError",
     "Segmenter",
     "TileError",
@@ -70,11 +85,19 @@ __all__ = [
     "TileSizeError",
     "auto_tile_shape",
     "auto_tile_shape_cellpose",
+    "expand_labels",
+    "fill_holes",
+    "filter_by_size",
+    "measure",
     "open_image",
     "open_labels",
     "plan_tile_shape",
     "read_object_table",
+    "relate",
+    "tile_measurements",
     "tile_process",
+    "upsample_labels",
+    "write_table",
 ]
 
 
