@@ -243,8 +243,9 @@ def reduce_nearest(child: np.ndarray, distance: np.ndarray, parent: np.ndarray,
 
 # -- the whole thing ----------------------------------------------------------------------------
 def relate(children: Any, parents: Any, *, max_distance: float | None = None,
-           spacing: float | Sequence[float] | None = None, output: str | Path | None = None,
-           tile_shape: Sequence[int] | None = None, progress: bool | None = None) -> Relations:
+           unit: str | None = None, spacing: float | Sequence[float] | None = None,
+           output: str | Path | None = None, tile_shape: Sequence[int] | None = None,
+           progress: bool | None = None) -> Relations:
     """The parent object holding each child object, and the number of children per parent.
 
     Parameters
@@ -253,8 +254,11 @@ def relate(children: Any, parents: Any, *, max_distance: float | None = None,
         Two label images on the same voxel grid (e.g. nuclei and cells, or spots and
         nuclei): blockbuster outputs, integer zarr arrays or arrays in memory.
     max_distance : float, optional
-        Children that overlap no parent get the nearest parent within this distance (µm
-        when the voxel size is known, else voxels); None: overlap only.
+        Children that overlap no parent get the nearest parent within this distance, in
+        ``unit``; None: overlap only.
+    unit : {"um", "voxels"}, optional
+        Unit of ``max_distance`` and of the distance column. Default: µm when the voxel size
+        is known, voxels otherwise.
     spacing : float or sequence of float, optional
         Voxel size in µm per axis (default: the OME-Zarr metadata of either image).
     output : path, optional
@@ -288,6 +292,13 @@ def relate(children: Any, parents: Any, *, max_distance: float | None = None,
                          "grid; relate label images of the same image (upsample a lower "
                          "pyramid level first)")
     spacing_um = resolve_spacing(spacing, kids.ndim, kids.spacing, hosts.spacing)
+    if unit not in (None, "um", "voxels"):
+        raise InputError(f"unit={unit!r} must be 'um' or 'voxels'")
+    if unit == "um" and spacing_um is None:
+        raise InputError("unit='um' needs the voxel size: pass spacing= (µm per axis) or use "
+                         "labels with OME-Zarr metadata")
+    if unit == "voxels":
+        spacing_um = None
     if max_distance is not None and not (math.isfinite(max_distance) and max_distance >= 0):
         raise InputError(f"max_distance={max_distance!r} must be a distance >= 0")
     grid = kids.grid(tile_shape)
