@@ -8,15 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import prepared
 
-import blockbuster.plugins as plugins
-from blockbuster import tile_process
+from blockbuster import plugins, tile_process
 from blockbuster.data import synthetic_cells
 from blockbuster.errors import InputError
 from blockbuster.plugins import get_segmenter
 from blockbuster.plugins.cells import CellsSegmenter
 from blockbuster.testing import SegmenterConformance
-from helpers import prepared
 
 
 def mean_matched_iou(truth: np.ndarray, found: np.ndarray) -> float:

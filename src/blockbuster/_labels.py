@@ -28,9 +28,20 @@ from .errors import IncompleteOutputError, InputError, OutputExistsError
 from .io import ImageSource, open_image
 from .tiling import TileGrid
 
-__all__ = ["LabelImage", "open_label_image", "resolve_spacing", "renumber", "LabelOutput",
-           "create_label_output", "axis_names", "tile_map", "UNIT_TO_UM", "LabelCounts",
-           "count_labels", "label_dtype"]
+__all__ = [
+    "UNIT_TO_UM",
+    "LabelCounts",
+    "LabelImage",
+    "LabelOutput",
+    "axis_names",
+    "count_labels",
+    "create_label_output",
+    "label_dtype",
+    "open_label_image",
+    "renumber",
+    "resolve_spacing",
+    "tile_map",
+]
 
 log = logging.getLogger("blockbuster")
 
@@ -195,7 +206,7 @@ def resolve_spacing(spacing: Any, ndim: int, *known: tuple[float, ...] | None,
             if value is not None and len(value) == ndim:
                 return value
         return None
-    values = (spacing,) * ndim if np.isscalar(spacing) else tuple(spacing)
+    values: tuple[Any, ...] = (spacing,) * ndim if np.isscalar(spacing) else tuple(spacing)
     try:
         out = tuple(float(v) for v in values)
     except (TypeError, ValueError):
@@ -365,7 +376,7 @@ def create_label_output(output: Any, like: LabelImage, *, dtype: Any,
                          "path: the input is never modified")
     if path.exists() and not overwrite:
         raise OutputExistsError(f"output {path} exists; pass overwrite=True to replace it")
-    attrs = {"blockbuster": {"complete": False}}
+    attrs: dict[str, Any] = {"blockbuster": {"complete": False}}
     if path.name.lower().endswith(".ome.zarr"):
         from .ome import create_label_level0
 

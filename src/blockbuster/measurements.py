@@ -37,7 +37,7 @@ from .errors import InputError
 from .io import ImageSource, open_image
 from .tiling import TileGrid
 
-__all__ = ["tile_measurements", "MeasurementReducer", "measure", "INTENSITY_STATISTICS"]
+__all__ = ["INTENSITY_STATISTICS", "MeasurementReducer", "measure", "tile_measurements"]
 
 #: Per-channel columns: ``<statistic>_intensity_<channel>``.
 INTENSITY_STATISTICS = ("mean", "min", "max", "std", "integrated")
@@ -441,7 +441,7 @@ def channel_names(source: ImageSource) -> list[str] | None:
 
     try:
         attrs = dict(zarr.open_group(str(source.path), mode="r").attrs)
-    except Exception:  # a store without group metadata: no names
+    except (OSError, ValueError, KeyError, TypeError):  # no group metadata: no names
         return None
     meta = attrs.get("ome", attrs)
     omero = meta.get("omero") if isinstance(meta, dict) else None
@@ -449,9 +449,8 @@ def channel_names(source: ImageSource) -> list[str] | None:
     if not isinstance(entries, list) or len(entries) != source.n_channels:
         return None
     labels = [e.get("label") if isinstance(e, dict) else None for e in entries]
-    if not all(isinstance(v, str) and v for v in labels):
-        return None
-    return [_column_safe(v) for v in labels]
+    names = [v for v in labels if isinstance(v, str) and v]
+    return [_column_safe(v) for v in names] if len(names) == len(labels) else None
 
 
 def _column_safe(name: str) -> str:
@@ -486,7 +485,7 @@ def pick_channels(source: ImageSource | None, channels: Sequence[int | str] | No
     if channels is None:
         if source.channel_axis is None:
             return [0], [known[0] if known else None]
-        return list(range(n)), known or [f"ch{c}" for c in range(n)]
+        return list(range(n)), list(known or [f"ch{c}" for c in range(n)])
     if isinstance(channels, (str, int)):
         channels = [channels]
     wanted = list(channels)

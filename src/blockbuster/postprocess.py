@@ -44,7 +44,7 @@ from ._labels import (
 from .errors import InputError
 from .tiling import TileGrid
 
-__all__ = ["filter_by_size", "expand_labels", "fill_holes", "upsample_labels", "expand_block"]
+__all__ = ["expand_block", "expand_labels", "fill_holes", "filter_by_size", "upsample_labels"]
 
 log = logging.getLogger("blockbuster")
 
@@ -178,7 +178,7 @@ def expand_block(labels: np.ndarray, distance: float,
     if distance <= 0 or not background.any() or background.all():
         return out
     sampling = tuple(float(s) for s in spacing) if spacing is not None else (1.0,) * out.ndim
-    reach = [int(math.ceil(distance / s)) for s in sampling]
+    reach = [math.ceil(distance / s) for s in sampling]
     local, ids = renumber(out)
     best = np.full(out.shape, np.inf)
     # Smallest label first: a strictly nearer object replaces it, an equally near one does not.
@@ -238,7 +238,7 @@ def expand_labels(labels: Any, distance: float, *, unit: str = "voxels",
         raise InputError("unit='um' needs the voxel size: pass spacing= (µm per axis) or use "
                          "labels with OME-Zarr metadata")
     sampling = spacing_um if unit == "um" else None
-    reach = [int(math.ceil(distance / s)) for s in (sampling or (1.0,) * lab.ndim)]
+    reach = [math.ceil(distance / s) for s in (sampling or (1.0,) * lab.ndim)]
     grid = _regular_grid(lab, tile_shape, depth=reach)
     out = create_label_output(output, lab, dtype=lab.dtype, chunks=grid.tile_shape,
                               spacing=spacing_um, overwrite=overwrite, suffix="expanded")
@@ -253,7 +253,7 @@ def expand_labels(labels: Any, distance: float, *, unit: str = "voxels",
 
 
 def _max_label(arr: zarr.Array, grid: TileGrid, progress: bool | None) -> int:
-    tops = tile_map(lambda t: int(np.max(arr[grid.tile(t).core], initial=0)),
+    tops = tile_map(lambda t: int(np.asarray(arr[grid.tile(t).core]).max(initial=0)),
                     range(grid.n_tiles), desc="checking", progress=progress)
     return max(tops, default=0)
 
@@ -276,7 +276,7 @@ class _HoleScan:
         """Background components on the image border, and (component, label) face contacts."""
         tile = self.grid.tile(tile_id)
         labels = self.labels.read(tile.padded).astype(np.int64, copy=False)
-        comps = self.components[tile.padded].astype(np.int64, copy=False)
+        comps = np.asarray(self.components[tile.padded]).astype(np.int64, copy=False)
         core = comps[tile.inner]
         border = []
         for axis in range(core.ndim):
@@ -338,7 +338,7 @@ def fill_holes(labels: Any, *, output: Any = None, overwrite: bool = False,
         comps = tile_process(lab.source, _label_background, grid.tile_shape, 0, stitch="faces",
                              connectivity=1, output=Path(tmp) / "background.zarr",
                              progress=progress)
-        n_comps = int(comps.attrs["blockbuster"]["n_labels"])
+        n_comps = _n_labels(comps)
         scan = _HoleScan(lab, comps, TileGrid(lab.shape, grid.tile_shape, (1,) * lab.ndim))
         border = np.zeros(n_comps + 1, bool)
         contacts_c, contacts_l = [], []
@@ -352,12 +352,21 @@ def fill_holes(labels: Any, *, output: Any = None, overwrite: bool = False,
 
         def block(tile: Any) -> np.ndarray:
             data = lab.read(tile.core)
-            filled = fill[comps[tile.core]]
+            filled = fill[np.asarray(comps[tile.core])]
             return np.where(filled > 0, filled.astype(data.dtype), data)
 
         _write_tiles(out, grid, block, "filling", progress)
     top = lab.n_labels if lab.n_labels is not None else _max_label(out.array, grid, progress)
     return out.finish(top, {"postprocess": "fill_holes", "source": _name(lab)})
+
+
+def _n_labels(arr: zarr.Array) -> int:
+    """The number of labels a finished tile_process output records."""
+    meta = arr.attrs.get("blockbuster")
+    n = meta.get("n_labels") if isinstance(meta, dict) else None
+    if not isinstance(n, int):
+        raise InputError(f"{arr} does not record its number of labels")
+    return n
 
 
 def _hole_labels(border: np.ndarray, comp: np.ndarray, label: np.ndarray) -> np.ndarray:
@@ -474,7 +483,8 @@ def _target(shape: tuple[int, ...], factors: Any, target: Any,
     if (factors is None) == (target is None):
         raise InputError("give either factors= or shape= (the full-resolution shape)")
     if factors is not None:
-        values = (factors,) * len(shape) if np.isscalar(factors) else tuple(factors)
+        values: tuple[Any, ...] = ((factors,) * len(shape) if np.isscalar(factors)
+                                   else tuple(factors))
         if len(values) != len(shape) or not all(
                 isinstance(f, (int, np.integer)) and not isinstance(f, bool) and f >= 1
                 for f in values):

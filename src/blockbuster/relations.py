@@ -36,7 +36,7 @@ from ._labels import (
 from .errors import InputError
 from .tiling import TileGrid
 
-__all__ = ["Relations", "relate", "closest_pairs_distance"]
+__all__ = ["Relations", "closest_pairs_distance", "relate"]
 
 #: Relative slack when selecting tie candidates, far above float rounding of distances.
 _TIE_SLACK = 1e-9
@@ -338,7 +338,7 @@ def _nearest(kids: LabelImage, hosts: LabelImage, grid: TileGrid, orphan: np.nda
              spacing: tuple[float, ...] | None, max_distance: float, progress: bool | None,
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     scale = spacing or (1.0,) * kids.ndim
-    halo = tuple(int(math.ceil(max_distance / s)) for s in scale)
+    halo = tuple(math.ceil(max_distance / s) for s in scale)
     haloed = TileGrid(grid.shape, grid.chunks, halo)
     ctx = _Nearest(kids, hosts, haloed, orphan, tuple(scale), max_distance)
     found = list(tile_map(ctx.tile, range(haloed.n_tiles), desc="nearest parents",

@@ -31,7 +31,7 @@ from .watershed import THRESHOLD_METHODS, WatershedSegmenter, compute_threshold
 if TYPE_CHECKING:
     from ..io import ImageSource
 
-__all__ = ["CellsSegmenter", "STAINS", "NUCLEI_INPUTS"]
+__all__ = ["NUCLEI_INPUTS", "STAINS", "CellsSegmenter"]
 
 STAINS = ("membrane", "cytoplasm")
 NUCLEI_INPUTS = ("intensity", "labels")
