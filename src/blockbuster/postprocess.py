@@ -19,10 +19,11 @@ never modified):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -334,10 +335,12 @@ def fill_holes(labels: Any, *, output: Any = None, overwrite: bool = False,
     out = create_label_output(output, lab, dtype=lab.dtype, chunks=grid.tile_shape,
                               spacing=lab.spacing, overwrite=overwrite, suffix="filled")
     with tempfile.TemporaryDirectory(prefix="blockbuster-holes-") as tmp:
-        # Background components, stitched across tile faces by the engine itself.
-        comps = tile_process(lab.source, _label_background, grid.tile_shape, 0, stitch="faces",
-                             connectivity=1, output=Path(tmp) / "background.zarr",
-                             progress=progress)
+        # Background components, stitched across tile faces by the engine itself (its
+        # messages are about a temporary array, not the user's output: kept to warnings).
+        with _quiet(log):
+            comps = tile_process(lab.source, _label_background, grid.tile_shape, 0,
+                                 stitch="faces", connectivity=1,
+                                 output=Path(tmp) / "background.zarr", progress=progress)
         n_comps = _n_labels(comps)
         scan = _HoleScan(lab, comps, TileGrid(lab.shape, grid.tile_shape, (1,) * lab.ndim))
         border = np.zeros(n_comps + 1, bool)
@@ -358,6 +361,16 @@ def fill_holes(labels: Any, *, output: Any = None, overwrite: bool = False,
         _write_tiles(out, grid, block, "filling", progress)
     top = lab.n_labels if lab.n_labels is not None else _max_label(out.array, grid, progress)
     return out.finish(top, {"postprocess": "fill_holes", "source": _name(lab)})
+
+
+@contextlib.contextmanager
+def _quiet(logger: logging.Logger) -> Iterator[None]:
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _n_labels(arr: zarr.Array) -> int:
