@@ -34,10 +34,13 @@ from .errors import (
 if TYPE_CHECKING:
     from .io import ImageSource, open_image
     from .api import stitch_tiles, tile_process
+    from .measurements import MeasurementReducer, measure, tile_measurements
+    from .postprocess import expand_labels, fill_holes, filter_by_size, upsample_labels
+    from .relations import Relations, relate
     from .status import open_labels, output_status
     from .segmenter import MemoryModel, Segmenter
     from .sizing import auto_tile_shape, auto_tile_shape_cellpose, plan_tile_shape
-    from .table import read_object_table
+    from .table import read_object_table, write_table
     from .tiling import TileGrid
 
 __version__ = "0.1.0"
@@ -49,12 +52,22 @@ _LAZY = {
     "output_status": "status",
     "stitch_tiles": "api",
     "tile_process": "api",
+    "MeasurementReducer": "measurements",
+    "measure": "measurements",
+    "tile_measurements": "measurements",
+    "expand_labels": "postprocess",
+    "fill_holes": "postprocess",
+    "filter_by_size": "postprocess",
+    "upsample_labels": "postprocess",
+    "Relations": "relations",
+    "relate": "relations",
     "MemoryModel": "segmenter",
     "Segmenter": "segmenter",
     "auto_tile_shape": "sizing",
     "auto_tile_shape_cellpose": "sizing",
     "plan_tile_shape": "sizing",
     "read_object_table": "table",
+    "write_table": "table",
     "TileGrid": "tiling",
 }
 
@@ -64,11 +77,13 @@ __all__ = [
     "ImageSource",
     "IncompleteOutputError",
     "InputError",
+    "MeasurementReducer",
     "MemoryModel",
     "NoGPUError",
     "OutputExistsError",
     "OutputLockedError",
     "PluginNotInstalledError",
+    "Relations",
     "ResumeMismatchError",
     "Segmenter",
     "TileError",
@@ -78,13 +93,21 @@ __all__ = [
     "WorkDirError",
     "auto_tile_shape",
     "auto_tile_shape_cellpose",
+    "expand_labels",
+    "fill_holes",
+    "filter_by_size",
+    "measure",
     "open_image",
     "open_labels",
     "output_status",
     "plan_tile_shape",
     "read_object_table",
+    "relate",
     "stitch_tiles",
+    "tile_measurements",
     "tile_process",
+    "upsample_labels",
+    "write_table",
 ]
 
 

@@ -48,6 +48,7 @@ def tile_process(
     client: Any = None,
     progress: bool | None = None,
     table: bool | str | Path = False,
+    measure: bool = False,
     retries: int = 1,
     work_dir: str | Path | None = None,
     keep_work: bool = False,
@@ -107,8 +108,13 @@ def tile_process(
     progress : bool, optional
         Show progress bars; default: only on a terminal.
     table : bool or path
-        Also compute an object table (voxel count, bounding box, centroid per label). True
-        writes ``<output>.objects.csv`` (or Parquet for a ``.parquet`` path).
+        Also compute an object table while the tiles run (voxel count, bounding box and
+        centroid per label, in voxels and, for a calibrated image, in micrometres; columns
+        named after the image's axes). True writes ``<output>.objects.csv`` (or Parquet for a
+        ``.parquet`` path).
+    measure : bool
+        Also measure each object's intensities in the table (mean, min, max, standard
+        deviation and integrated intensity per channel, columns named after the channels).
     retries : int
         How many times a tile whose fn raised is tried again before it counts as failed.
     work_dir : path, optional
@@ -161,7 +167,8 @@ def tile_process(
     plan = make_plan(source, fn, info, tile_shape=tile_shape, overlap=overlap,
                      stitch=StitchOptions(stitch, iou_threshold, connectivity), use_gpu=use_gpu,
                      memory=memory_bytes, mask=mask_source, skip_empty=skip_empty,
-                     table=table_path is not None, retries=retries, tile_chunks=previous)
+                     table=table_path is not None, measure=measure, retries=retries,
+                     tile_chunks=previous)
     manifest = manifest_for(plan, target)
     work = WorkDir(target.work_path)
     check_locations(target, work, [source.path, mask_source.path if mask_source else None])

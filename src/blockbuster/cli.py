@@ -486,6 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a tiny image that runs in seconds (for tests)")
     _add_common(demo)
     demo.set_defaults(func=cmd_demo, parser=demo)
+    add_analysis_commands(commands)
     return parser
 
 
@@ -613,7 +614,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:  # reported by the command's parser, so that the hint names its --help
         getattr(args, "parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command is None:
-        print(f"{PROG}: error: choose a command: segment, info or demo (see '{PROG} --help')",
+        print(f"{PROG}: error: choose a command: segment, info, demo, measure, relate, "
+              f"postprocess or upsample (see '{PROG} --help')",
               file=sys.stderr)
         return EXIT_USAGE
     _setup_logging(args.quiet, args.verbose)
@@ -1345,3 +1347,322 @@ def _demo_previews(image_path: Path, labels_path: Path, out: zarr.Array, plan: D
         image_path, None, folder / "nuclei.overview.png", tile_grid=out,
         caption=f"{_format_shape(plan.shape)}, {_plural(plan.n_tiles, 'tile')}{where}")
     return zoom, overview
+
+
+# -- analysis: measure, relate, postprocess, upsample ----------------------------------------
+MEASURE_EPILOG = """\
+examples:
+  blockbuster measure brain.ome.zarr/labels/blockbuster --image brain.ome.zarr
+  blockbuster measure nuclei.labels.zarr --image scan.zarr --channel-axis 0 \\
+      --channels DAPI,GFP --spacing 2,0.5,0.5 -o nuclei.parquet
+
+One row per object: voxels and volume, centroid and bounding box (voxels and µm), and per
+channel the mean, min, max, standard deviation and integrated intensity. The voxel size comes
+from --spacing, else from the OME-Zarr metadata. Default table: next to the labels,
+<labels>.measurements.csv.
+"""
+
+RELATE_EPILOG = """\
+examples:
+  blockbuster relate nuclei.labels.zarr cells.labels.zarr
+  blockbuster relate spots.zarr nuclei.zarr --max-distance 5um -o spots.relations.csv
+
+Each child goes to the parent it overlaps most (ties: the smaller parent label); a child that
+overlaps none goes to the nearest parent within --max-distance (µm with a unit, voxels
+without). Writes the children's table and, next to it, *.parents.csv with the number of
+children per parent.
+"""
+
+POSTPROCESS_EPILOG = """\
+examples:
+  blockbuster postprocess nuclei.labels.zarr -o clean.zarr --fill-holes --min-size 50
+  blockbuster postprocess nuclei.labels.zarr -o cells.zarr --expand 3um
+  blockbuster postprocess brain.ome.zarr/labels/blockbuster -o big.ome.zarr --min-size 20um3
+
+Operations run in this order: --fill-holes, --min-size/--max-size, --expand. Sizes without a
+unit are voxels (with um3/um2: µm³ or µm²); distances without a unit are voxels (with um: µm).
+Tiled results equal whole-image results; the input is never modified. An OUTPUT ending in
+.ome.zarr is an OME-Zarr label image.
+"""
+
+UPSAMPLE_EPILOG = """\
+examples:
+  blockbuster upsample brain.ome.zarr/labels/blockbuster/2 --like brain.ome.zarr -o full.zarr
+  blockbuster upsample small.labels.zarr --factors 4,4 -o full.labels.zarr
+
+Nearest neighbour, one output chunk at a time: every full-resolution voxel takes the label of
+the low-resolution voxel it was downsampled into.
+"""
+
+_LENGTH_UNITS = {"": None, "um": 1.0, "µm": 1.0, "micron": 1.0, "microns": 1.0, "nm": 1e-3,
+                 "mm": 1e3, "px": None, "vox": None, "voxel": None, "voxels": None}
+
+
+def parse_length(text: str) -> tuple[float, str]:
+    """A distance with an optional unit: ``(value, "um")`` or ``(value, "voxels")``.
+
+    Examples
+    --------
+    >>> parse_length("5um"), parse_length("250 nm"), parse_length("3")
+    ((5.0, 'um'), (0.25, 'um'), (3.0, 'voxels'))
+    """
+    import re
+
+    match = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([a-zµ]*)\s*", text)
+    unit = match.group(2) if match else None
+    if match is None or unit not in _LENGTH_UNITS:
+        raise argparse.ArgumentTypeError(
+            f"distance {text!r} is not understood: use e.g. 5um, 250nm or 3 (voxels)")
+    try:
+        value = float(match.group(1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"distance {text!r} is not a number") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"distance {text!r} must be >= 0")
+    factor = _LENGTH_UNITS[unit]
+    return (value * factor, "um") if factor is not None else (value, "voxels")
+
+
+def parse_size(text: str) -> tuple[float, str]:
+    """An object size: voxels (no unit) or ``um3`` / ``um2`` (µm³, µm²).
+
+    Examples
+    --------
+    >>> parse_size("50"), parse_size("12.5um3"), parse_size("30 µm2")
+    ((50.0, 'voxels'), (12.5, 'um3'), (30.0, 'um2'))
+    """
+    import re
+
+    match = re.fullmatch(r"\s*([0-9.eE+-]+)\s*(um3|um2|µm3|µm2|µm³|µm²|voxels|vox|px)?\s*",
+                         text)
+    if match is None:
+        raise argparse.ArgumentTypeError(
+            f"size {text!r} is not understood: use e.g. 50 (voxels), 20um3 or 30um2")
+    try:
+        value = float(match.group(1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size {text!r} is not a number") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"size {text!r} must be >= 0")
+    unit = (match.group(2) or "voxels").replace("µ", "u").replace("³", "3").replace("²", "2")
+    return value, "voxels" if unit in ("vox", "px") else unit
+
+
+def _spacing(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"spacing {text!r} must be numbers, e.g. 2,0.5,0.5") \
+            from None
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"spacing {text!r} must be positive")
+    return values
+
+
+def _channel_list(text: str) -> list[int | str]:
+    """``--channels``: indices (``0,2``) or names (``DAPI,GFP``)."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError("--channels needs at least one channel")
+    return [int(p) if p.lstrip("-").isdigit() else p for p in parts]
+
+
+def add_analysis_commands(commands: Any) -> None:
+    """The ``measure``, ``relate``, ``postprocess`` and ``upsample`` commands."""
+    spacing_help = "voxel size in µm per spatial axis, e.g. 2,0.5,0.5 (default: OME-Zarr metadata)"
+    mea = commands.add_parser(
+        "measure", help="measure every object (size, position, intensities)",
+        formatter_class=_HelpFormatter, epilog=MEASURE_EPILOG,
+        description="Measure every object of LABELS tile by tile, with the intensities of "
+                    "IMAGE, and write a table (CSV, or Parquet for a .parquet path).")
+    mea.add_argument("labels", metavar="LABELS", help="labels: a blockbuster output or any "
+                                                      "integer zarr array")
+    mea.add_argument("--image", metavar="IMAGE", help="intensity image on the same grid")
+    mea.add_argument("--channels", type=_channel_list, metavar="C,C",
+                     help="channels to measure, by index or name (default: all)")
+    mea.add_argument("--channel-axis", type=int, metavar="N",
+                     help="axis of IMAGE holding channels (default: from OME-Zarr metadata)")
+    mea.add_argument("--spacing", type=_spacing, metavar="Z,Y,X", help=spacing_help)
+    mea.add_argument("-o", "--output", metavar="PATH",
+                     help="table to write (default: <labels>.measurements.csv)")
+    _add_common(mea)
+    mea.set_defaults(func=cmd_measure, parser=mea)
+
+    rel = commands.add_parser(
+        "relate", help="which parent object holds each child object",
+        formatter_class=_HelpFormatter, epilog=RELATE_EPILOG,
+        description="Relate the objects of two label images on the same grid: the parent of "
+                    "each child, and the number of children per parent.")
+    rel.add_argument("children", metavar="CHILDREN", help="child labels (e.g. nuclei, spots)")
+    rel.add_argument("parents", metavar="PARENTS", help="parent labels (e.g. cells, nuclei)")
+    rel.add_argument("--max-distance", type=parse_length, metavar="D",
+                     help="children overlapping no parent get the nearest parent within D "
+                          "(e.g. 5um; voxels without a unit)")
+    rel.add_argument("--spacing", type=_spacing, metavar="Z,Y,X", help=spacing_help)
+    rel.add_argument("-o", "--output", metavar="PATH",
+                     help="children's table (default: <children>.relations.csv); the "
+                          "parents' goes next to it as *.parents.csv")
+    _add_common(rel)
+    rel.set_defaults(func=cmd_relate, parser=rel)
+
+    post = commands.add_parser(
+        "postprocess", help="fill holes, filter by size, expand labels (new output)",
+        formatter_class=_HelpFormatter, epilog=POSTPROCESS_EPILOG,
+        description="Post-process LABELS out of core, without seams, into a new label image.")
+    post.add_argument("labels", metavar="LABELS", help="labels to post-process")
+    post.add_argument("-o", "--output", metavar="OUTPUT",
+                      help="new labels (default: <labels>.postprocessed.zarr)")
+    post.add_argument("--fill-holes", action="store_true",
+                      help="fill background enclosed by a single object")
+    post.add_argument("--min-size", type=parse_size, metavar="S",
+                      help="drop smaller objects (voxels, or e.g. 20um3)")
+    post.add_argument("--max-size", type=parse_size, metavar="S",
+                      help="drop larger objects (voxels, or e.g. 5000um3)")
+    post.add_argument("--expand", type=parse_length, metavar="D",
+                      help="grow objects into the background by D without merging them "
+                           "(voxels, or e.g. 2um)")
+    post.add_argument("--spacing", type=_spacing, metavar="Z,Y,X", help=spacing_help)
+    post.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
+    _add_common(post)
+    post.set_defaults(func=cmd_postprocess, parser=post)
+
+    up = commands.add_parser(
+        "upsample", help="labels of a lower resolution level at full resolution",
+        formatter_class=_HelpFormatter, epilog=UPSAMPLE_EPILOG,
+        description="Upsample LABELS (nearest neighbour, chunk by chunk) to a larger grid.")
+    up.add_argument("labels", metavar="LABELS", help="low-resolution labels")
+    target = up.add_mutually_exclusive_group(required=True)
+    target.add_argument("--factors", type=lambda t: _ints(t, "factors"), metavar="F,F",
+                        help="integer factor per axis (or one for all)")
+    target.add_argument("--shape", type=lambda t: _ints(t, "shape"), metavar="Z,Y,X",
+                        help="target shape")
+    target.add_argument("--like", metavar="IMAGE", help="the full-resolution image: its shape")
+    up.add_argument("-o", "--output", metavar="OUTPUT",
+                    help="new labels (default: <labels>.upsampled.zarr)")
+    up.add_argument("--chunks", type=lambda t: _ints(t, "chunks"), metavar="Z,Y,X",
+                    help="output chunks (default: the input's)")
+    up.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
+    _add_common(up)
+    up.set_defaults(func=cmd_upsample, parser=up)
+
+
+def _table_next_to(labels: str, suffix: str) -> Path:
+    """``<labels>.<suffix>.csv`` next to the labels (next to the image for OME labels)."""
+    path = Path(labels.rstrip("/"))
+    if path.parent.name == "labels":  # <image>/labels/<name>
+        image = path.parent.parent
+        return image.with_name(f"{image.name}.{path.name}.{suffix}.csv")
+    name = path.name
+    for ending in (".ome.zarr", ".zarr"):
+        if name.endswith(ending):
+            name = name[: -len(ending)]
+            break
+    return path.with_name(f"{name}.{suffix}.csv")
+
+
+def cmd_measure(args: argparse.Namespace) -> int:
+    """``blockbuster measure``: the object table of a label image (and its image)."""
+    from .measurements import measure
+
+    started = time.perf_counter()
+    output = Path(args.output) if args.output else _table_next_to(args.labels, "measurements")
+    table = measure(args.labels, args.image, channels=args.channels, spacing=args.spacing,
+                    channel_axis=args.channel_axis, output=output,
+                    progress=False if args.quiet else None)
+    print(f"table:  {output}  ({_plural(len(table['label']), 'object')}, "
+          f"{len(table)} columns)")
+    print(f"time:   {time.perf_counter() - started:.1f} s")
+    return EXIT_OK
+
+
+def cmd_relate(args: argparse.Namespace) -> int:
+    """``blockbuster relate``: the parent of each child, children per parent."""
+    from .relations import relate
+
+    started = time.perf_counter()
+    output = Path(args.output) if args.output else _table_next_to(args.children, "relations")
+    distance, unit = args.max_distance if args.max_distance is not None else (None, None)
+    result = relate(args.children, args.parents, max_distance=distance, unit=unit,
+                    spacing=args.spacing, progress=False if args.quiet else None)
+    children_path, parents_path = result.write(output)
+    kids = result.children
+    held = int((kids["parent"] > 0).sum())
+    near = int(((kids["parent"] > 0) & (kids["overlap_voxels"] == 0)).sum())
+    print(f"children: {children_path}  ({_plural(len(kids['label']), 'child')}: {held:,} with a "
+          f"parent, {near:,} of them the nearest one)")
+    print(f"parents:  {parents_path}  ({_plural(len(result.parents['label']), 'parent')})")
+    print(f"time:     {time.perf_counter() - started:.1f} s")
+    return EXIT_OK
+
+
+def cmd_postprocess(args: argparse.Namespace) -> int:
+    """``blockbuster postprocess``: fill holes, filter by size, expand, into a new output."""
+    import tempfile
+
+    from . import postprocess
+    from .errors import InputError
+
+    progress = False if args.quiet else None
+    steps: list[tuple[str, Any]] = []
+    if args.fill_holes:
+        steps.append(("fill holes", lambda src, out: postprocess.fill_holes(
+            src, output=out, overwrite=True, progress=progress)))
+    if args.min_size is not None or args.max_size is not None:
+        units = {s[1] for s in (args.min_size, args.max_size) if s is not None}
+        if len(units) > 1:
+            raise InputError("--min-size and --max-size must use the same unit")
+        unit = units.pop()
+        low = args.min_size[0] if args.min_size is not None else None
+        high = args.max_size[0] if args.max_size is not None else None
+        steps.append(("size filter", lambda src, out: postprocess.filter_by_size(
+            src, min_size=low, max_size=high, unit=unit, spacing=args.spacing, output=out,
+            overwrite=True, progress=progress)))
+    if args.expand is not None:
+        steps.append(("expand", lambda src, out: postprocess.expand_labels(
+            src, args.expand[0], unit=args.expand[1], spacing=args.spacing, output=out,
+            overwrite=True, progress=progress)))
+    if not steps:
+        raise InputError("nothing to do: give --fill-holes, --min-size, --max-size or --expand")
+    started = time.perf_counter()
+    final = Path(args.output) if args.output else None
+    if final is None:
+        final = _table_next_to(args.labels, "postprocessed").with_suffix(".zarr")
+    if final.exists() and not args.overwrite:
+        from .errors import OutputExistsError
+
+        raise OutputExistsError(f"output {final} exists; pass overwrite=True to replace it")
+    source: Any = args.labels
+    with tempfile.TemporaryDirectory(prefix=".blockbuster-", dir=final.parent) as tmp:
+        for i, (name, step) in enumerate(steps):
+            last = i == len(steps) - 1
+            out = final if last else Path(tmp) / f"step{i}.zarr"
+            log.info("%s", name)
+            result = step(source, out)
+            source = out
+    meta = _output_meta(result) or {}
+    n = meta.get("n_labels")
+    print(f"labels: {final}  ({_plural(n, 'object') if isinstance(n, int) else 'objects'}, "
+          f"{_format_shape(result.shape)} {result.dtype}; {', '.join(s for s, _ in steps)})")
+    print(f"time:   {time.perf_counter() - started:.1f} s")
+    return EXIT_OK
+
+
+def cmd_upsample(args: argparse.Namespace) -> int:
+    """``blockbuster upsample``: nearest-neighbour upsampling of labels, chunk by chunk."""
+    from .io import open_image
+    from .postprocess import upsample_labels
+
+    started = time.perf_counter()
+    factors = args.factors
+    if factors is not None and len(factors) == 1:
+        factors = factors[0]
+    shape = args.shape
+    if args.like is not None:
+        shape = open_image(args.like).spatial_shape
+    output = Path(args.output) if args.output else None
+    out = upsample_labels(args.labels, factors, shape=shape, output=output, chunks=args.chunks,
+                          overwrite=args.overwrite, progress=False if args.quiet else None)
+    where = output or _array_dir(out) or out.store
+    print(f"labels: {where}  ({_format_shape(out.shape)} {out.dtype})")
+    print(f"time:   {time.perf_counter() - started:.1f} s")
+    return EXIT_OK

@@ -63,6 +63,8 @@ class RunPlan:
     mask: ImageSource | None = None
     skip_empty: bool = False
     table: bool = False
+    #: also measure each object's intensities, per channel, in the table
+    measure: bool = False
     retries: int = 1
     #: how the tile shape was chosen (``"auto"``), for the log and ``info``
     sizing_note: str | None = None
@@ -99,6 +101,7 @@ class RunPlan:
             "connectivity": self.stitch.connectivity if mode == "faces" else None,
             "iou_threshold": self.stitch.iou_threshold if mode == "iou" else None,
             "table": bool(self.table),
+            "measure": bool(self.measure),
             "mask": None if mask is None else (
                 str(mask.path) if mask.path else f"<in-memory {mask.shape}>"),
             "skip_empty": bool(self.skip_empty),
@@ -189,6 +192,7 @@ def make_plan(
     mask: ImageSource | None = None,
     skip_empty: bool = False,
     table: bool = False,
+    measure: bool = False,
     retries: int = 1,
     tile_chunks: TileChunks | None = None,
 ) -> RunPlan:
@@ -219,9 +223,12 @@ def make_plan(
     mode = _stitch_mode(stitch.mode, info, grid)
     check_mode(mode, grid.depth, stitch.connectivity, len(grid.linked_axes))
     resolved = StitchOptions(mode, float(stitch.iou_threshold), stitch.connectivity)
+    if measure and not table:
+        raise InputError("measure=True measures intensities for the object table: pass table=True "
+                         "(or a table path) too")
     return RunPlan(source, fn, info, grid, resolved, mask=mask, skip_empty=bool(skip_empty),
-                   table=bool(table), retries=int(retries), sizing_note=note,
-                   requested_overlap=overlap_t)
+                   table=bool(table), measure=bool(measure), retries=int(retries),
+                   sizing_note=note, requested_overlap=overlap_t)
 
 
 def _tile_chunks(tile_shape: Any, source: ImageSource, overlap: tuple[int, ...],

@@ -23,7 +23,8 @@ from .io import ImageSource
 from .stitching import Stitcher, TileBoundary, core_counts, sequential_local_labels
 from .tiling import Tile, TileGrid
 
-__all__ = ["SegmentedTile", "TaskContext", "call_fn", "read_tile", "segment_tile", "summarize"]
+__all__ = ["SegmentedTile", "TaskContext", "call_fn", "image_core", "read_tile", "segment_tile",
+           "summarize"]
 
 
 @dataclass
@@ -41,6 +42,8 @@ class TaskContext:
     retries: int = 1
     mask: ImageSource | None = None
     skip_empty: bool = False
+    #: also measure intensities per object (the table needs ``table``)
+    measure: bool = False
 
 
 @dataclass
@@ -82,11 +85,12 @@ def segment_tile(ctx: TaskContext, tile_id: int, keep_labels: bool = True) -> Se
     tile, data = read_tile(ctx, tile_id)
     if data is None:
         return SegmentedTile(tile_id, skipped=True)
+    intensities = image_core(ctx, tile, data)
     result, error = call_fn(ctx, tile, data)
     del data
     if error is not None:
         return SegmentedTile(tile_id, error=error)
-    seg = summarize(ctx, tile, result)
+    seg = summarize(ctx, tile, result, intensities)
     if not keep_labels and seg.labels is not None:
         writer = worker_writer(ctx.work_path, ctx.attempt)
         seg.raw = writer.append("raw", tile_id, {}, {"labels": seg.labels})
@@ -202,8 +206,12 @@ def check_result(ctx: TaskContext, tile: Tile, result: Any) -> np.ndarray:
     return labels.reshape(tile.padded_shape)  # the time point's axis back (length 1)
 
 
-def summarize(ctx: TaskContext, tile: Tile, result: Any) -> SegmentedTile:
-    """Check fn's result, number its objects 1..n and build the tile's record."""
+def summarize(ctx: TaskContext, tile: Tile, result: Any,
+              image_core: np.ndarray | None = None) -> SegmentedTile:
+    """Check fn's result, number its objects 1..n and build the tile's record.
+
+    ``image_core``: the input's core (see :func:`image_core`) for intensity measurements.
+    """
     labels = check_result(ctx, tile, result)
     stitcher = ctx.stitcher
     if stitcher.numbers_padded:  # halo objects are kept for matching: number the padded tile
@@ -217,7 +225,25 @@ def summarize(ctx: TaskContext, tile: Tile, result: Any) -> SegmentedTile:
     del labels, result
     stats: dict[str, np.ndarray] = {}
     if ctx.table:
-        from .table import tile_statistics
+        from .measurements import tile_measurements
 
-        stats = tile_statistics(core, n, tile.core)
+        stats = tile_measurements(core, n, image_core, origin=[s.start for s in tile.core],
+                                  channel_axis=None if image_core is None else -1)
+        del stats["counts"]  # the record's own counts
     return SegmentedTile(tile.id, n, TileBoundary(counts, arrays), stats, labels=core)
+
+
+def image_core(ctx: TaskContext, tile: Tile, data: np.ndarray) -> np.ndarray | None:
+    """The tile's core of the input, channels last, for intensity measurements (a copy: fn
+    may change its tile)."""
+    if not ctx.measure:
+        return None
+    index: list[Any] = [tile.inner[a] for a in ctx.grid.linked_axes]
+    channel = ctx.source.segment_channel_axis
+    if channel is not None:
+        index.insert(channel, slice(None))
+    core = np.array(data[tuple(index)], copy=True)
+    core = np.moveaxis(core, channel, -1) if channel is not None else core[..., None]
+    for axis in ctx.grid.unlinked_axes:  # the time point's axis, as the labels have it
+        core = np.expand_dims(core, axis)
+    return core

@@ -26,7 +26,15 @@ from typing import Any
 
 from ..errors import TileError
 from ..progress import Progress
-from ..tasks import SegmentedTile, TaskContext, call_fn, read_tile, segment_tile, summarize
+from ..tasks import (
+    SegmentedTile,
+    TaskContext,
+    call_fn,
+    image_core,
+    read_tile,
+    segment_tile,
+    summarize,
+)
 from .commit import Committer, WriteJob, write_jobs
 
 __all__ = ["Dask", "Executor", "InProcess", "ThreadPool", "executor_for"]
@@ -76,8 +84,8 @@ class InProcess(Executor):
             committer.accept(seg)
             _count(progress, seg)
 
-        def summarize_and_store(tile: Any, result: Any) -> None:
-            store(summarize(ctx, tile, result))
+        def summarize_and_store(tile: Any, result: Any, intensities: Any) -> None:
+            store(summarize(ctx, tile, result, intensities))
 
         with ThreadPoolExecutor(1, thread_name_prefix="blockbuster-read") as reader, \
                 ThreadPoolExecutor(1, thread_name_prefix="blockbuster-store") as writer:
@@ -89,6 +97,7 @@ class InProcess(Executor):
                     if i + 1 < len(todo):
                         ahead = reader.submit(read_tile, ctx, todo[i + 1])
                     skipped = data is None
+                    intensities = None if skipped else image_core(ctx, tile, data)
                     result, error = (None, None) if skipped else call_fn(ctx, tile, data)
                     del data
                     if storing is not None:
@@ -101,8 +110,8 @@ class InProcess(Executor):
                     if skipped:
                         storing = writer.submit(store, SegmentedTile(tile_id, skipped=True))
                     else:
-                        storing = writer.submit(summarize_and_store, tile, result)
-                    del result
+                        storing = writer.submit(summarize_and_store, tile, result, intensities)
+                    del result, intensities
                 if storing is not None:
                     storing.result()
             finally:

@@ -165,7 +165,7 @@ def execute(plan: RunPlan, target: OutputTarget, work: WorkDir, manifest: dict[s
             log.info("resuming: %d of %d tiles already done", done, grid.n_tiles)
         ctx = TaskContext(plan.source, plan.fn, plan.fn_label, grid, committer.stitcher,
                           work.path, writer.attempt, table=plan.table, retries=plan.retries,
-                          mask=plan.mask, skip_empty=plan.skip_empty)
+                          mask=plan.mask, skip_empty=plan.skip_empty, measure=plan.measure)
         with make_progress(grid.n_tiles, "segmenting", progress, initial=done) as bar:
             executor.run(ctx, todo, committer, bar)
         committer.check_done()
@@ -219,11 +219,12 @@ def _end_pass(plan: RunPlan, committer: Committer, writer: PackWriter,
     grid, state = plan.grid, committer.state
     old, new = committer.final_changes()
     has_labels = np.zeros(grid.n_tiles, bool)
-    builder = None
+    reducer = None
     if plan.table:
-        from ..table import TableBuilder
+        from ..measurements import MeasurementReducer
 
-        builder = TableBuilder(committer.book.n_labels, grid.ndim)
+        channels = plan.source.n_channels if plan.measure else 0
+        reducer = MeasurementReducer(grid.ndim, channels, capacity=committer.book.n_labels)
     todo = []
     for t in range(grid.n_tiles):
         entry = state.record(t)
@@ -231,8 +232,8 @@ def _end_pass(plan: RunPlan, committer: Committer, writer: PackWriter,
         has_labels[t] = bool(counts[1:].any())
         glabels, _ = state.assigned_labels(t)
         final = apply_changes(glabels, old, new)
-        if builder is not None:
-            builder.add(final, counts, entry.get_prefixed("s:"))
+        if reducer is not None and has_labels[t]:
+            reducer.add({"counts": counts, **entry.get_prefixed("s:")}, final)
         if t not in state.fixed and old.size and np.isin(glabels, old).any():
             todo.append(t)
     log.info("%d objects; %d tile(s) hold labels joined or moved after they were written",
@@ -243,7 +244,22 @@ def _end_pass(plan: RunPlan, committer: Committer, writer: PackWriter,
         for _ in pool.map(lambda t: _fix_tile(committer, writer, t, old, new), todo):
             bar.update()
     return EndResult(committer.book.n_labels, has_labels,
-                     builder.columns() if builder is not None else None)
+                     _table_columns(plan, reducer) if reducer is not None else None)
+
+
+def _table_columns(plan: RunPlan, reducer: Any) -> dict[str, np.ndarray]:
+    """The object table, columns named after the image's axes and channels, in µm too."""
+    source = plan.source
+    names = [source.axes[a].name for a in source.tiled_axes]
+    channel_names = None
+    if plan.measure:
+        given = source.channel_names
+        channel_names = ([str(c) for c in given] if given else
+                         [None] if source.n_channels == 1 else
+                         [f"ch{i}" for i in source.channel_indices])
+    spacing = source.spacing_um
+    return reducer.columns(spacing=spacing if any(v is not None for v in spacing) else None,
+                           names=names, channel_names=channel_names)
 
 
 def _fix_tile(committer: Committer, writer: PackWriter, tile_id: int, old: np.ndarray,

@@ -44,6 +44,24 @@ _UNITS = {
 }
 _NO_UNIT = {"", "pixel", "pixels", "px", "none", "unknown"}
 
+#: Length units (NGFF names) in micrometres.
+UNIT_TO_UM = {
+    "picometer": 1e-6, "angstrom": 1e-4, "nanometer": 1e-3, "micrometer": 1.0,
+    "millimeter": 1e3, "centimeter": 1e4, "meter": 1e6, "inch": 25_400.0,
+}
+
+
+def to_micrometers(scale: float, unit: str | None) -> float | None:
+    """A voxel size in micrometres, or None when its unit is not a known length.
+
+    Examples
+    --------
+    >>> to_micrometers(0.5, "micrometer"), to_micrometers(2, "nanometer"), to_micrometers(1, None)
+    (0.5, 0.002, None)
+    """
+    factor = UNIT_TO_UM.get(normalize_unit(unit) or "")
+    return None if factor is None else float(scale) * factor
+
 
 def normalize_unit(unit: Any) -> str | None:
     """The NGFF (UDUNITS-2) name of a unit as microscopy formats spell it; None for pixels.

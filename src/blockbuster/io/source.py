@@ -285,6 +285,14 @@ class ImageSource:
         return tuple(self.axes[a].translation for a in self.spatial_axes)
 
     @property
+    def spacing_um(self) -> tuple[float | None, ...]:
+        """Voxel size in micrometres per tiled axis; None where unknown (or for time)."""
+        from .model import to_micrometers
+
+        return tuple(to_micrometers(self.axes[a].scale, self.axes[a].unit)
+                     if self.axes[a].type == "space" else None for a in self.tiled_axes)
+
+    @property
     def label_axes(self) -> tuple[Axis, ...]:
         """Axes of a label image of this source: the stored axes without the channel axis.
 

@@ -1,7 +1,7 @@
 """Segmenter plugins: the registry of named segmenters and helpers for writing plugins.
 
 Segmenters are registered under the entry-point group ``blockbuster.segmenters``. blockbuster
-registers its own (``watershed``, ``cellpose``, ``stardist``); a third-party package adds one
+registers its own (``watershed``, ``cells``, ``cellpose``, ``stardist``); a third-party package adds one
 without touching blockbuster, in its ``pyproject.toml``::
 
     [project.entry-points."blockbuster.segmenters"]
