@@ -22,7 +22,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -154,7 +154,8 @@ def machine_info() -> dict[str, Any]:
 
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
-    """A Markdown table; ``columns`` are ``(key, header)`` pairs; floats get 3 significant digits."""
+    """A Markdown table; ``columns`` are ``(key, header)`` pairs; floats get 3 significant
+    digits."""
 
     def cell(value: Any) -> str:
         if isinstance(value, bool):
@@ -212,7 +213,7 @@ def plot_path(name: str) -> Path:
 # -- synthetic images ---------------------------------------------------------------------------
 def regions(shape: Sequence[int], step: Sequence[int]) -> Iterator[tuple[slice, ...]]:
     """Blocks of ``step`` (clipped at the border) that cover ``shape``, in C order."""
-    starts = [range(0, s, c) for s, c in zip(shape, step)]
+    starts = [range(0, s, c) for s, c in zip(shape, step, strict=True)]
     for corner in np.ndindex(*[len(r) for r in starts]):
         yield tuple(slice(starts[a][i], min(starts[a][i] + step[a], shape[a]))
                     for a, i in enumerate(corner))
@@ -390,25 +391,23 @@ def same_partition_zarr(a_path: Path, b_path: Path, step: Sequence[int]) -> dict
 
 # -- instrumentation of a tile_process run (benchmark only; the engine is not changed) ---------
 class PhaseRecorder:
-    """Time and peak RSS of each stage of ``tile_process``: segment, stitch, write.
+    """Time and peak RSS of each stage of ``tile_process``: segment (the tiles, stored as they
+    come), finish (the end pass: tiles joined late rewritten, the table folded).
 
-    Wraps the stage functions of :mod:`blockbuster.runner` in this process. The peak RSS is
+    Wraps the stage functions of :mod:`blockbuster.engine.run` in this process. The peak RSS is
     reset at the start of each stage, so each stage's peak is its own; :attr:`overall_peak`
     keeps the maximum over the whole process.
     """
 
-    # "finish" is the serial engine's end (rewriting tiles joined later); "stitch" and "write"
-    # are the distributed engine's two passes after segmentation.
-    STAGES = {"segment": "_segment_all", "finish": "_finish_serial", "stitch": "_stitch",
-              "write": "_write_output"}
+    STAGES: ClassVar[dict[str, str]] = {"segment": "segment_tiles", "finish": "_end_pass"}
 
     def __init__(self) -> None:
-        from blockbuster import runner
+        from blockbuster.engine import run
 
         self.phases: dict[str, dict[str, float]] = {}
         self._max_before = 0
         for stage, attr in self.STAGES.items():
-            setattr(runner, attr, self._wrap(stage, getattr(runner, attr)))
+            setattr(run, attr, self._wrap(stage, getattr(run, attr)))
 
     def _wrap(self, stage: str, func: Callable) -> Callable:
         def wrapped(*args: Any, **kwargs: Any) -> Any:

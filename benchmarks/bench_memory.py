@@ -70,9 +70,10 @@ def threshold_label(tile):
 
 # -- child ----------------------------------------------------------------------------------------
 def child_run(p: dict[str, Any]) -> dict[str, Any]:
-    import blockbuster  # noqa: F401  (imports counted in the baseline)
     import scipy.ndimage  # noqa: F401
     import zarr  # noqa: F401
+
+    import blockbuster
 
     baseline = peak_rss()
     recorder = PhaseRecorder()
@@ -90,10 +91,11 @@ def child_run(p: dict[str, Any]) -> dict[str, Any]:
 
 def child_baseline(p: dict[str, Any]) -> dict[str, Any]:
     """RSS of the interpreter with the run's imports, doing nothing."""
-    import blockbuster  # noqa: F401
     import dask.array  # noqa: F401
     import scipy.ndimage  # noqa: F401
     import zarr  # noqa: F401
+
+    import blockbuster  # noqa: F401
 
     return {}
 
@@ -137,7 +139,7 @@ def plot(rows: list[dict[str, Any]], bound: int, path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in rows:
-        t, rss = zip(*r["timeline"])
+        t, rss = zip(*r["timeline"], strict=True)
         dense = "" if r["spacing"] == 40 else f", nuclei every {r['spacing']} px"
         left.plot([x / max(t[-1], 1e-9) for x in t], [b / MiB for b in rss],
                   label=f"{r['gib']:g} GiB image{dense} ({r['seconds']:.0f} s)")

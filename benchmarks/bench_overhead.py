@@ -122,7 +122,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         values = [r[f"{stage}_ms"] for r in rows]
         right.bar([str(t) for t in tiles], values, bottom=bottom, color=colour,
                   label=names[stage])
-        bottom = [b + v for b, v in zip(bottom, values)]
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
     right.set(xlabel="tile edge (voxels)", ylabel="ms per tile",
               title="where the time goes, per tile")
     right.legend(fontsize=8)

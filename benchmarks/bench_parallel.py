@@ -181,7 +181,7 @@ def main() -> None:
                 row["one_worker_cores"] = cpu["workers"] / res["seconds"]
             stage_rows.append({"fn": fn, "workers": workers or "serial", "total": res["seconds"],
                                # the serial engine has no stitch/write pass, a cluster no finish
-                               **{k: "-" for k in ("finish", "stitch", "write")},
+                               **dict.fromkeys(("finish", "stitch", "write"), "-"),
                                **{k: v["seconds"] for k, v in res["phases"].items()}})
             print(f"fn {fn}, workers {workers}: {res['seconds']:.1f} s", flush=True)
         calibration.append(run_child(__file__, "calibrate", {"seconds": 2.0})["speedup"])

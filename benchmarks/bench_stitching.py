@@ -30,6 +30,7 @@ Run: ``python benchmarks/bench_stitching.py [--quick]``
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import shutil
@@ -131,7 +132,8 @@ def build(n_tiles: int, mode: str) -> Path:
     work.create({"format": 1, "params": {"benchmark": "stitching", "tiles": n_tiles}})
     total = grid_for(n_tiles, mode).n_tiles
     bounds = np.linspace(0, total, 33).astype(int)
-    jobs = [(n_tiles, mode, str(path), int(a), int(b)) for a, b in zip(bounds, bounds[1:])]
+    jobs = [(n_tiles, mode, str(path), int(a), int(b))
+            for a, b in itertools.pairwise(bounds)]
     with ProcessPoolExecutor(2) as pool:
         assert sum(pool.map(_build_range, jobs)) == total
     marker.write_text(engine_fingerprint())

@@ -18,7 +18,7 @@ def _load_torch_before_tensorflow() -> None:
         import torch  # noqa: F401
 
         if importlib.util.find_spec("triton"):
-            import triton  # noqa: F401
+            import triton
             import triton.runtime  # noqa: F401
 
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import prepared
 
 from blockbuster import plugins, tile_process
 from blockbuster.data import synthetic_cells
@@ -16,6 +15,8 @@ from blockbuster.errors import InputError
 from blockbuster.plugins import get_segmenter
 from blockbuster.plugins.cells import CellsSegmenter
 from blockbuster.testing import SegmenterConformance
+
+from helpers import prepared
 
 
 def mean_matched_iou(truth: np.ndarray, found: np.ndarray) -> float:

@@ -498,7 +498,7 @@ def test_info_on_an_input_matches_the_planner(work: Path) -> None:
     seg = WatershedSegmenter()
     plan = plan_tile_shape((256, 256), "uint16", overlap=seg.preferred_overlap, memory=2e6,
                            memory_model=seg.memory_model, chunks=(128, 128))
-    n_tiles = int(np.prod([-(-s // t) for s, t in zip((256, 256), plan.shape)]))
+    n_tiles = int(np.prod([-(-s // t) for s, t in zip((256, 256), plan.shape, strict=True)]))
     assert n_tiles > 1  # the budget is small enough to need tiles
     out = result.stdout
     assert "shape:      (256, 256)" in out and "dtype:      uint16" in out

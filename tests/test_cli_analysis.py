@@ -74,7 +74,7 @@ def test_upsample_to_the_shape_of_an_image(image, tmp_path, capsys):
                  "-q"]) == 0
     up = zarr.open_array(str(tmp_path / "up.zarr"), mode="r")
     assert up.shape == (12, 96, 80)
-    factors = [round(a / b) for a, b in zip(up.shape, level1.shape)]
+    factors = [round(a / b) for a, b in zip(up.shape, level1.shape, strict=True)]
     expected = level1
     for axis, f in enumerate(factors):
         expected = np.repeat(expected, f, axis=axis)

@@ -103,7 +103,7 @@ class BadStitch(Labeller):
 
 
 class BadMemoryModel(Labeller):
-    memory_model = {"bytes_per_voxel": 16}
+    memory_model = {"bytes_per_voxel": 16}  # noqa: RUF012 -- the mistake under test
 
 
 class BadOverlap(Labeller):

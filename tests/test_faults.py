@@ -16,6 +16,7 @@ from scipy import ndimage
 
 import blockbuster
 from blockbuster import tile_process
+from blockbuster.engine.state import WorkDir
 from blockbuster.errors import (
     IncompleteOutputError,
     OutputExistsError,
@@ -23,7 +24,6 @@ from blockbuster.errors import (
     ResumeMismatchError,
     TileFailures,
 )
-from blockbuster.engine.state import WorkDir
 from blockbuster.output import work_dir_for
 
 from helpers import comb_mask, same_partition
@@ -202,7 +202,8 @@ def test_resume_with_other_arguments_is_refused(tmp_path, blobs2d):
     image[0, 0] = 7
     with pytest.raises(TileFailures):
         tile_process(image, _failing(flag, {7}), (50, 50), stitch="faces", output=out, retries=0)
-    with pytest.raises(ResumeMismatchError, match=r"tile_chunks: \[\[50, 50, 50\], \[50, 50, 31\]\] -> \[\[40"):
+    with pytest.raises(ResumeMismatchError,
+                       match=r"tile_chunks: \[\[50, 50, 50\], \[50, 50, 31\]\] -> \[\[40"):
         tile_process(image, _failing(flag, {7}), (40, 40), stitch="faces", output=out, resume=True)
     with pytest.raises(ResumeMismatchError, match="segmenter"):
         tile_process(image, lambda t: ndimage.label(t)[0], (50, 50), stitch="faces", output=out,
@@ -230,7 +231,8 @@ def test_a_second_concurrent_run_is_refused(tmp_path, blobs2d):
     work.path.mkdir(parents=True, exist_ok=True)  # before the holder opens its lock file
     holder = subprocess.Popen([sys.executable, "-c", (
         "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
-        "f.write('pid test'); f.flush(); fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); "
+        "f.write('pid test'); f.flush(); fcntl.flock(f, fcntl.LOCK_EX); "
+        "print('locked', flush=True); "
         "time.sleep(60)"), str(work.path / "lock")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -354,7 +356,8 @@ def test_slurm_job_script_without_a_scheduler():
     for line in ("#SBATCH -p gpu", "#SBATCH -A lab", "#SBATCH -t 04:00:00",
                  "#SBATCH --gres=gpu:1", "#SBATCH --cpus-per-task=8"):
         assert line in script
-    assert "distributed.cli.dask_worker" in script or "dask worker" in script or "dask-worker" in script
+    assert any(worker in script
+               for worker in ("distributed.cli.dask_worker", "dask worker", "dask-worker"))
 
 
 class DieOnce:
@@ -417,7 +420,8 @@ def test_a_refused_run_leaves_nothing_behind(tmp_path, blobs2d):
 
 def test_resume_accepts_the_input_path_in_another_form(tmp_path, blobs2d, monkeypatch):
     source = tmp_path / "img.zarr"
-    zarr.create_array(store=str(source), shape=blobs2d.shape, chunks=(50, 50), dtype="uint8")[:] = blobs2d
+    zarr.create_array(store=str(source), shape=blobs2d.shape, chunks=(50, 50),
+                      dtype="uint8")[:] = blobs2d
     data = zarr.open_array(str(source), mode="r+")
     data[0, 0] = 7
     flag = tmp_path / "fixed"

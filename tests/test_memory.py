@@ -39,8 +39,9 @@ def segment(tile):
 out = blockbuster.tile_process({path!r}, segment, (2048, 2048), 8, stitch="faces",
                                output={out!r}, progress=False)
 peak = peak_rss()
-print(json.dumps({{"peak": peak, "shape": list(out.shape), "n": int(out.attrs["blockbuster"]["n_labels"]),
-                  "complete": out.attrs["blockbuster"]["complete"]}}))
+meta = out.attrs["blockbuster"]
+print(json.dumps({{"peak": peak, "shape": list(out.shape), "n": int(meta["n_labels"]),
+                  "complete": meta["complete"]}}))
 """
 
 
@@ -53,7 +54,8 @@ def test_peak_rss_stays_near_one_tile_on_a_2gb_image(tmp_path):
     assert on_disk >= 2 * 1024**3
 
     result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(RUN.format(path=str(image), out=str(tmp_path / "o.zarr")))],
+        [sys.executable, "-c",
+         textwrap.dedent(RUN.format(path=str(image), out=str(tmp_path / "o.zarr")))],
         check=True, capture_output=True, text=True)
     report = json.loads(result.stdout.strip().splitlines()[-1])
     padded_tile_bytes = (2048 + 16) ** 2 * 2
@@ -62,5 +64,6 @@ def test_peak_rss_stays_near_one_tile_on_a_2gb_image(tmp_path):
     bound = 400 * 1024**2 + 30 * padded_tile_bytes // 2
     assert report["complete"] is True and report["shape"] == [32768, 32768]
     assert report["n"] > 1000
-    assert report["peak"] < bound, f"peak RSS {report['peak'] / 2**20:.0f} MiB > {bound / 2**20:.0f} MiB"
+    assert report["peak"] < bound, (f"peak RSS {report['peak'] / 2**20:.0f} MiB > "
+                                    f"{bound / 2**20:.0f} MiB")
     assert report["peak"] < on_disk / 3

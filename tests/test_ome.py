@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import tracemalloc
 from pathlib import Path
@@ -91,7 +92,8 @@ def test_engine_path_create_fill_finalize(ome_image):
     assert meta["image-label"]["version"] == {3: "0.5", 2: "0.4"}[fmt]
     if fmt == 3:
         assert zarr.open_array(str(out / "1")).metadata.dimension_names == ("z", "y", "x")
-    assert zarr.open_group(str(out)).attrs["blockbuster"] == {"complete": True}  # no longer provisional
+    # no longer provisional, still marked as blockbuster's own
+    assert zarr.open_group(str(out)).attrs["blockbuster"] == {"complete": True}
 
 
 def test_write_ome_labels_from_memory_and_keeps_other_labels(ome_image):
@@ -157,7 +159,7 @@ def test_standalone_label_image(tmp_path):
     # default chunks are zarr's; the pyramid goes down to about a tile (<= 256 here)
     shapes = [tuple(d.shape) for d in node.data]
     assert shapes[0] == (700, 900)
-    assert all(b == (-(-a[0] // 2), -(-a[1] // 2)) for a, b in zip(shapes, shapes[1:]))
+    assert all(b == (-(-a[0] // 2), -(-a[1] // 2)) for a, b in itertools.pairwise(shapes))
     assert max(shapes[-1]) <= max(256, *zarr.open_array(str(out / "0")).chunks)
     assert len(shapes) >= 2
     _check_pyramid(node, labels, shapes)
@@ -222,7 +224,7 @@ def test_multichannel_parent_drops_the_channel_axis(tmp_path):
 
 
 def test_labels_must_fit_the_image(ome_image):
-    path, labels = ome_image
+    path, _ = ome_image
     with pytest.raises(InputError, match="do not fit"):
         create_label_level0(path, "bad", (12, 300, 259), CHUNKS, "uint32")
     with pytest.raises(InputError, match="integer"):
@@ -248,12 +250,13 @@ def test_overwrite_unlists_while_rewriting(ome_image):
 # -- downsampling ----------------------------------------------------------------------------
 def _reference_mode(arr: np.ndarray, factors: tuple[int, ...]) -> np.ndarray:
     """Plain-Python statement of the documented rule, voxel by voxel."""
-    pad = [(0, (-s) % f) for s, f in zip(arr.shape, factors)]
+    pad = [(0, (-s) % f) for s, f in zip(arr.shape, factors, strict=True)]
     arr = np.pad(arr, pad, mode="edge")
-    out_shape = tuple(s // f for s, f in zip(arr.shape, factors))
+    out_shape = tuple(s // f for s, f in zip(arr.shape, factors, strict=True))
     out = np.empty(out_shape, arr.dtype)
     for idx in np.ndindex(*out_shape):
-        block = arr[tuple(slice(i * f, (i + 1) * f) for i, f in zip(idx, factors))].ravel()
+        region = tuple(slice(i * f, (i + 1) * f) for i, f in zip(idx, factors, strict=True))
+        block = arr[region].ravel()
         score = {v: 2 * int((block == v).sum()) + int(v != 0) for v in block.tolist()}
         best = max(score.values())
         out[idx] = next(v for v in block.tolist() if score[v] == best)

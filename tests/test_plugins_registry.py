@@ -211,7 +211,7 @@ def test_third_party_plugin_runs_through_tile_process_by_name() -> None:
 
 @pytest.mark.usefixtures("toy_dist")
 def test_factory_returning_something_else_is_an_input_error() -> None:
-    with pytest.raises(InputError, match="not a blockbuster.segmenter.Segmenter"):
+    with pytest.raises(InputError, match=r"not a blockbuster\.segmenter\.Segmenter"):
         get_segmenter("notseg")
 
 

@@ -173,13 +173,14 @@ def test_holes_are_filled_like_binary_fill_holes_per_object():
 def test_upsampling_by_factors_equals_repeat(case, data):
     labels, _ = case
     factors = tuple(data.draw(st.integers(1, 3)) for _ in labels.shape)
-    chunks = tuple(data.draw(st.integers(1, s * f)) for s, f in zip(labels.shape, factors))
+    chunks = tuple(data.draw(st.integers(1, s * f))
+                   for s, f in zip(labels.shape, factors, strict=True))
     out = upsample_labels(labels, factors, chunks=chunks, progress=False)
     expected = labels
     for axis, f in enumerate(factors):
         expected = np.repeat(expected, f, axis=axis)
     np.testing.assert_array_equal(out[:], expected)
-    assert out.chunks == tuple(min(c, s) for c, s in zip(chunks, expected.shape))
+    assert out.chunks == tuple(min(c, s) for c, s in zip(chunks, expected.shape, strict=True))
 
 
 def test_upsampling_a_pyramid_level_restores_level_zero_on_odd_shapes():

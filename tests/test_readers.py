@@ -4,8 +4,8 @@ calibration and channels, streamed, and segmented like the same pixels in memory
 from __future__ import annotations
 
 import functools
-import json
 import http.server
+import json
 import pickle
 import threading
 import warnings
@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
-from helpers import same_partition
 from scipy import ndimage
 
 from blockbuster import tile_process
@@ -24,6 +23,8 @@ from blockbuster.data import synthetic_nuclei
 from blockbuster.errors import InputError, PluginNotInstalledError
 from blockbuster.io import ImageSource, open_image, reader_table
 from blockbuster.io.source import sample_boxes
+
+from helpers import same_partition
 
 h5py = pytest.importorskip("h5py")
 
@@ -140,7 +141,7 @@ def write_bioformats2raw(root: Path, series: list[np.ndarray], names: list[list[
     group = zarr.open_group(str(root), mode="w", zarr_format=2)
     group.attrs["bioformats2raw.layout"] = 3
     ox = tifffile.OmeXml()
-    for i, (data, channel_names) in enumerate(zip(series, names)):
+    for i, (data, channel_names) in enumerate(zip(series, names, strict=True)):
         write_ome_zarr(root / str(i), data, "tczyx", "0.4",
                        scale={"z": 1.0, "y": 0.65, "x": 0.65})
         kwargs = {"Channel": {"Name": channel_names}} if channel_names else {}
@@ -267,7 +268,7 @@ def write_bdv(folder: Path, data: np.ndarray, names: list[str], voxel: tuple[flo
                 cells = data[t, s].view(np.int16)
                 f.create_dataset(f"t{t:05d}/s{s:02d}/0/cells", data=cells,
                                  chunks=tuple(min(c, n) for c, n in zip((4, 32, 32),
-                                                                        cells.shape)))
+                                                                        cells.shape, strict=True)))
     setups = "".join(
         f"<ViewSetup><id>{s}</id><name>{n}</name><size>{data.shape[-1]} {data.shape[-2]} "
         f"{data.shape[-3]}</size><voxelSize><unit>µm</unit><size>{voxel[2]} {voxel[1]} "
@@ -308,7 +309,7 @@ def write_imaris(path: Path, data: np.ndarray, names: list[str], voxel: tuple[fl
         info = f.create_group("DataSetInfo/Image")
         for key, value in (("X", x), ("Y", y), ("Z", z), ("Unit", "um")):
             info.attrs[key] = text(value)
-        for i, (n, v, o) in enumerate(zip((x, y, z), voxel[::-1], origin[::-1])):
+        for i, (n, v, o) in enumerate(zip((x, y, z), voxel[::-1], origin[::-1], strict=True)):
             info.attrs[f"ExtMin{i}"] = text(o)
             info.attrs[f"ExtMax{i}"] = text(o + n * v)
         for c, name in enumerate(names):

@@ -18,17 +18,16 @@ import zarr
 from scipy import ndimage
 
 from blockbuster import tile_process
+from blockbuster.engine.state import WorkDir
 from blockbuster.errors import (
     IncompleteOutputError,
     InputError,
     OutputExistsError,
     OutputLockedError,
 )
-from blockbuster.output import output_lock_path
-from blockbuster.status import open_labels
-from blockbuster.engine.state import WorkDir
 from blockbuster.locks import RunLock
-from blockbuster.output import work_dir_for
+from blockbuster.output import output_lock_path, work_dir_for
+from blockbuster.status import open_labels
 
 from helpers import same_partition
 
@@ -84,7 +83,7 @@ def test_a_folder_of_user_files_is_refused_as_output(tmp_path, blobs2d, overwrit
     res = tmp_path / "res"
     res.mkdir()
     (res / "keep.txt").write_text("thesis")
-    with pytest.raises(OutputExistsError, match="did not write.*keep.txt"):
+    with pytest.raises(OutputExistsError, match=r"did not write.*keep\.txt"):
         tile_process(blobs2d, label, (50, 50), output=res, overwrite=overwrite)
     assert snapshot(res) == {"keep.txt": b"thesis"}
     assert not work_dir_for(res).exists()  # a refused run leaves nothing behind
@@ -143,7 +142,7 @@ def test_a_work_dir_of_user_files_is_refused_and_kept(tmp_path, blobs2d):
     work = tmp_path / "home"
     work.mkdir()
     (work / "notes.txt").write_text("mine")
-    with pytest.raises(OutputExistsError, match="work directory.*notes.txt"):
+    with pytest.raises(OutputExistsError, match=r"work directory.*notes\.txt"):
         tile_process(blobs2d, label, (50, 50), output=tmp_path / "o.zarr", work_dir=work)
     assert snapshot(work) == {"notes.txt": b"mine"}
     assert not (tmp_path / "o.zarr").exists()
@@ -231,7 +230,7 @@ def test_a_complete_output_with_other_parameters_is_not_returned_by_resume(tmp_p
 
     params = dict(old.attrs["blockbuster"]["params"], segmenter={"fn": "label_inverse"})
     work.create({"format": FORMAT_VERSION, "params": params, "engine": "serial"})
-    with pytest.raises(Exception, match="label_inverse|other arguments"):
+    with pytest.raises(Exception, match=r"label_inverse|other arguments"):
         tile_process(blobs2d, label, (50, 50), output=out, stitch="faces", resume=True)
 
 

@@ -41,8 +41,8 @@ KiB, MiB, GiB = 1024, 1024**2, 1024**3
 
 def grown(tile: tuple[int, ...], shape: tuple[int, ...], sized: tuple[bool, ...]) -> tuple:
     """The next larger cubic tile: every sized edge one more, clipped to the extent."""
-    edge = max(t for t, s in zip(tile, sized) if s)
-    return tuple(min(edge + 1, e) if s else 1 for e, s in zip(shape, sized))
+    edge = max(t for t, s in zip(tile, sized, strict=True) if s)
+    return tuple(min(edge + 1, e) if s else 1 for e, s in zip(shape, sized, strict=True))
 
 
 def sized_axes(ndim: int, spatial_ndim: int | None) -> tuple[bool, ...]:
@@ -792,7 +792,7 @@ def test_property_fits_and_is_maximal(problem):
         kwargs = {k: problem[k] for k in keys}
         return predict_peak_bytes(tile, problem["dtype"], image_shape=shape, **kwargs)
 
-    smallest = tuple(min(8, e) if s else 1 for e, s in zip(shape, sized))
+    smallest = tuple(min(8, e) if s else 1 for e, s in zip(shape, sized, strict=True))
     if peak(smallest) > memory:
         with pytest.raises(TileSizeError, match="needs"):
             plan_tile_shape(**problem)
@@ -801,10 +801,10 @@ def test_property_fits_and_is_maximal(problem):
     plan = plan_tile_shape(**problem)
     tile = plan.shape
     assert plan.predicted_peak_bytes == peak(tile) <= memory
-    assert all(1 <= t <= e for t, e in zip(tile, shape))
-    assert all(t == 1 for t, s in zip(tile, sized) if not s)
+    assert all(1 <= t <= e for t, e in zip(tile, shape, strict=True))
+    assert all(t == 1 for t, s in zip(tile, sized, strict=True) if not s)
     # Isotropic: every sized edge below its extent is the same edge.
-    assert len({t for t, e, s in zip(tile, shape, sized) if s and t < e}) <= 1
+    assert len({t for t, e, s in zip(tile, shape, sized, strict=True) if s and t < e}) <= 1
     bigger = grown(tile, shape, sized)
     assert bigger == tile or peak(bigger) > memory
 
@@ -812,6 +812,6 @@ def test_property_fits_and_is_maximal(problem):
         rounded = plan_tile_shape(**problem, chunks=chunks).shape
         assert peak(rounded) <= memory
         assert math.prod(rounded) >= 0.75 * math.prod(tile)
-        for r, t, c, e in zip(rounded, tile, chunks, shape):
+        for r, t, c, e in zip(rounded, tile, chunks, shape, strict=True):
             # Either untouched, or rounded down to a whole number (>= 1) of chunks.
             assert r == t or (r < t < e and r % c == 0)

@@ -30,7 +30,8 @@ image = zarr.create_array(store=path, shape=(6000, 6000), chunks=(500, 500), dty
 yy = np.arange(500, dtype=np.float32)[:, None]
 for i in range(0, 6000, 500):
     for j in range(0, 6000, 500):
-        image[i:i + 500, j:j + 500] = ((np.sin((yy + i) / 23) * np.cos((yy.T + j) / 19)) > 0.5) * 900
+        wave = np.sin((yy + i) / 23) * np.cos((yy.T + j) / 19)
+        image[i:i + 500, j:j + 500] = (wave > 0.5) * 900
 
 def segment(tile):
     return ndimage.label(ndimage.gaussian_filter(tile.astype(np.float32), 1) > 450)[0]

@@ -25,11 +25,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from helpers import comb_mask, same_partition
 from scipy import ndimage
 
 import blockbuster
 from blockbuster.data import write_synthetic_nuclei
+
+from helpers import comb_mask, same_partition
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

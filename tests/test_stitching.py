@@ -130,7 +130,7 @@ def test_distinct_touching_objects_stay_distinct_in_iou_mode():
     labels = np.zeros((40, 40), np.int32)
     labels[5:35, 5:20] = 1
     labels[5:35, 20:35] = 2  # touches object 1 exactly at x = 20, a tile border
-    fn = lambda t: t.astype(np.int32)  # noqa: E731  (an "oracle" segmenter)
+    fn = lambda t: t.astype(np.int32)
     iou = tile_process(labels, fn, (20, 20), 5, stitch="iou", progress=False)[:]
     assert same_partition(iou, labels)
     faces = tile_process(labels, fn, (20, 20), 5, stitch="faces", progress=False)[:]
@@ -214,7 +214,7 @@ def test_label_book_rebuilt_from_records_in_any_order_is_the_same(seed, shuffle)
     for glabels, merges in records:
         replayed.replay(glabels, merges)
     assert replayed.n_labels == book.n_labels
-    for a, b in zip(replayed.final_changes(), book.final_changes()):
+    for a, b in zip(replayed.final_changes(), book.final_changes(), strict=True):
         assert np.array_equal(a, b)
     # the final labels of every tile are exactly 1..N
     old, new = book.final_changes()
@@ -235,7 +235,7 @@ def test_tiles_resumed_out_of_order_still_give_whole_image_components(case, seed
     """Tiles that failed run after their later neighbours: labels already written get joined."""
     mask, tile_shape, overlap, connectivity = case
     structure = ndimage.generate_binary_structure(mask.ndim, connectivity)
-    n_tiles = int(np.prod([-(-s // t) for s, t in zip(mask.shape, tile_shape)]))
+    n_tiles = int(np.prod([-(-s // t) for s, t in zip(mask.shape, tile_shape, strict=True)]))
     failing = set(np.random.default_rng(seed).choice(n_tiles, n_tiles // 2, replace=False).tolist())
     calls, first_run = [0], [True]
 

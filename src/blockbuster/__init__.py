@@ -32,14 +32,14 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from .io import ImageSource, open_image
     from .api import stitch_tiles, tile_process
+    from .io import ImageSource, open_image
     from .measurements import MeasurementReducer, measure, tile_measurements
     from .postprocess import expand_labels, fill_holes, filter_by_size, upsample_labels
     from .relations import Relations, relate
-    from .status import open_labels, output_status
     from .segmenter import MemoryModel, Segmenter
     from .sizing import auto_tile_shape, auto_tile_shape_cellpose, plan_tile_shape
+    from .status import open_labels, output_status
     from .table import read_object_table, write_table
     from .tiling import TileGrid
 

@@ -351,7 +351,7 @@ def create_label_output(output: Any, like: LabelImage, *, dtype: Any,
         grid = like.grid()
         chunks = grid.tile_shape if shape == like.shape else None
     chunks = tuple(min(int(c), s) for c, s in zip(chunks or (_DEFAULT_TILE.get(len(shape), 64),)
-                                                   * len(shape), shape))
+                                                   * len(shape), shape, strict=True))
     if output is None:
         output = default_output(like, suffix)
     if not isinstance(output, (str, Path)):

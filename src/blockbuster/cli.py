@@ -53,8 +53,8 @@ __all__ = [
     "exit_code_for",
     "guess_channel_axis",
     "main",
-    "parse_channels",
     "parse_bytes",
+    "parse_channels",
     "parse_overlap",
     "parse_tile_shape",
 ]
@@ -626,7 +626,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             print(f"{PROG}: interrupted", file=sys.stderr)
             return EXIT_INTERRUPTED
-        except Exception as exc:  # every error becomes a message and an exit code
+        except Exception as exc:  # noqa: BLE001 -- every error becomes a message and an exit code
             if args.verbose:
                 traceback.print_exc(file=sys.stderr)
             print(f"{PROG}: error: {_error_message(exc)}", file=sys.stderr)
@@ -864,9 +864,9 @@ def _check_submit_command(kind: str) -> None:
 
 def cmd_segment(args: argparse.Namespace) -> int:
     """``blockbuster segment``: run tile_process with the command line's options."""
+    from .api import tile_process
     from .errors import InputError
     from .io import open_image
-    from .api import tile_process
 
     started = time.perf_counter()
     if args.job_script:
@@ -982,7 +982,7 @@ def _work_dirs(path: Path) -> list[Path]:
     return work_dirs_for(path)
 
 
-def _find_output(path: Path) -> tuple[zarr.Array, dict[str, Any]] | None:
+def _find_output(path: Path) -> tuple[Any, dict[str, Any]] | None:
     """The labels array and its run metadata when ``path`` is a blockbuster output."""
     import zarr
 
@@ -995,7 +995,7 @@ def _find_output(path: Path) -> tuple[zarr.Array, dict[str, Any]] | None:
                 return None
             node = node["0"]
         meta = _output_meta(node)
-    except Exception:  # not zarr at all: describe it as an input (which reports the error)
+    except Exception:  # noqa: BLE001 -- not zarr at all: described as an input (which reports the error)
         return None
     return (node, meta) if meta is not None else None
 
@@ -1241,7 +1241,7 @@ class DemoPlan:
 
     @property
     def n_tiles(self) -> int:
-        return math.prod(-(-s // t) for s, t in zip(self.shape, self.tile))
+        return math.prod(-(-s // t) for s, t in zip(self.shape, self.tile, strict=True))
 
 
 def demo_plan(shape: Sequence[int] | None = None, *, three_d: bool = False,
@@ -1268,7 +1268,7 @@ def demo_plan(shape: Sequence[int] | None = None, *, three_d: bool = False,
         tile: tuple[int, ...] = DEMO_QUICK_TILE_3D if quick else DEMO_TILE_3D
     else:
         tile = (DEMO_QUICK_TILE_2D if quick else DEMO_TILE_2D,) * 2
-    tile = tuple(min(t, s) for t, s in zip(tile, shape))
+    tile = tuple(min(t, s) for t, s in zip(tile, shape, strict=True))
     return DemoPlan(shape, tile, tile)
 
 
@@ -1284,7 +1284,7 @@ def _zoom_window(shape: Sequence[int], tile: Sequence[int], size: int
     (slice(0, 300, None), slice(1792, 2304, None))
     """
     window = []
-    for extent, step in zip(shape[-2:], tile[-2:]):
+    for extent, step in zip(shape[-2:], tile[-2:], strict=True):
         corner = max(step, round(extent / 2 / step) * step) if step < extent else extent // 2
         start = min(max(0, corner - size // 2), max(0, extent - size))
         window.append(slice(start, min(extent, start + size)))
@@ -1293,8 +1293,8 @@ def _zoom_window(shape: Sequence[int], tile: Sequence[int], size: int
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """``blockbuster demo``: synthetic nuclei -> tiled watershed -> OME-Zarr labels, table, PNGs."""
-    from .data import write_synthetic_nuclei
     from .api import tile_process
+    from .data import write_synthetic_nuclei
     from .sizing import format_bytes
 
     started = time.perf_counter()

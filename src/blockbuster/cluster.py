@@ -72,7 +72,8 @@ def local_cluster(n_workers: int = 2, *, gpus: list[int] | None = None,
     if gpus:
         from distributed import Scheduler, SpecCluster
 
-        scheduler = {"cls": Scheduler, "options": {"dashboard_address": ":0", "dashboard": dashboard}}
+        scheduler = {"cls": Scheduler,
+                     "options": {"dashboard_address": ":0", "dashboard": dashboard}}
         limit = None if memory_limit == "auto" else memory_limit
         return SpecCluster(workers=gpu_worker_specs(list(gpus), limit), scheduler=scheduler)
     if n_workers < 1:

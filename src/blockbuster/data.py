@@ -13,11 +13,11 @@ Four generators, all deterministic per ``seed``:
 * :func:`synthetic_cells` -- a two-channel image of cells (nuclei + membranes or cytoplasm) with
   true nucleus and cell labels, in memory (for the ``cells`` segmenter's tests).
 
-Every voxel of the nuclei images is a pure function of its global position and the parameters: nuclei live on a
-fixed lattice of cells whose random parameters are hashed from ``(seed, cell index)``, noise is
-hashed from ``(seed, voxel position)`` and the background is a smooth analytic function. A chunk
-therefore renders exactly the voxels the whole image would have there, whatever the chunking,
-and the same seed gives the same image for any ``chunks``.
+Every voxel of the nuclei images is a pure function of its global position and the parameters:
+nuclei live on a fixed lattice of cells whose random parameters are hashed from
+``(seed, cell index)``, noise is hashed from ``(seed, voxel position)`` and the background is a
+smooth analytic function. A chunk therefore renders exactly the voxels the whole image would
+have there, whatever the chunking, and the same seed gives the same image for any ``chunks``.
 """
 
 from __future__ import annotations
@@ -38,12 +38,12 @@ import zarr
 from .errors import InputError, OutputExistsError
 
 __all__ = [
-    "synthetic_nuclei",
-    "write_synthetic_nuclei",
     "lazy_synthetic_nuclei",
-    "synthetic_mask",
     "synthetic_cells",
+    "synthetic_mask",
+    "synthetic_nuclei",
     "truth_path",
+    "write_synthetic_nuclei",
 ]
 
 # Nucleus model constants (fractions of the diameter / of the mean nucleus brightness).
@@ -194,17 +194,17 @@ class _NucleiField:
         ndim = len(shape)
         max_aspect = math.exp(2 * _LOG_ASPECT * (ndim - 1) / ndim)
         max_radius = 0.5 * diameter * _SIZE_RANGE[1] * max_aspect * (1 + _MAX_E1 + _MAX_E3)
-        max_half = int(math.ceil(max_radius)) + 1
+        max_half = math.ceil(max_radius) + 1
         if touching:
-            spacing = max(2, int(round(0.9 * diameter)))
+            spacing = max(2, round(0.9 * diameter))
             jitter = 0.3 * spacing
         else:
             # Neighbours can never meet: two maximal nuclei plus a 2-voxel gap fit in a cell.
             jitter = 0.1 * diameter
-            spacing = int(math.ceil(2 * max_radius + 2 * jitter + 2))
-        reach = int(math.ceil((max_half + jitter + 2) / spacing)) + 1
+            spacing = math.ceil(2 * max_radius + 2 * jitter + 2)
+        reach = math.ceil((max_half + jitter + 2) / spacing) + 1
         id_origin = tuple(-reach for _ in shape)
-        id_dims = tuple(int(math.ceil(s / spacing)) + 2 * reach + 1 for s in shape)
+        id_dims = tuple(math.ceil(s / spacing) + 2 * reach + 1 for s in shape)
         return cls(tuple(shape), float(diameter), float(density), bool(touching), int(seed),
                    spacing, float(jitter), max_half, id_origin, id_dims)
 
@@ -221,8 +221,8 @@ class _NucleiField:
         reach = self.max_half + self.jitter + 1
         ranges = []
         for a in range(self.ndim):
-            first = int(math.floor((lo[a] - reach) / self.spacing - 0.5))
-            last = int(math.ceil((hi[a] + reach) / self.spacing - 0.5))
+            first = math.floor((lo[a] - reach) / self.spacing - 0.5)
+            last = math.ceil((hi[a] + reach) / self.spacing - 0.5)
             first = max(first, self.id_origin[a])
             last = min(last, self.id_origin[a] + self.id_dims[a] - 1)
             ranges.append(np.arange(first, last + 1, dtype=np.int64))
@@ -407,14 +407,14 @@ def _owner_keys(field: _NucleiField, lo: Sequence[int], hi: Sequence[int]
     stop = start + 2 * nuc.half[:, None] + 1
     hits = np.all((stop > np.asarray(lo)) & (start < np.asarray(hi)), axis=1)
     nuc = nuc.take(np.flatnonzero(hits))
-    shape = tuple(int(b - a) for a, b in zip(lo, hi))
+    shape = tuple(int(b - a) for a, b in zip(lo, hi, strict=True))
     keys = np.empty(math.prod(shape), np.uint64)
     keys.fill(_FAR | np.uint64(len(nuc)))  # index len(nuc) is the background sentinel
     # Stamps of one size are evaluated together, in batches that stay in cache.
     for half in np.unique(nuc.half):
         members = np.flatnonzero(nuc.half == half)
         width = int(2 * half + 1)
-        per = math.prod(min(width, b - a) for a, b in zip(lo, hi))
+        per = math.prod(min(width, b - a) for a, b in zip(lo, hi, strict=True))
         step = max(1, _BATCH_ENTRIES // per)
         for s in range(0, len(members), step):
             sel = members[s:s + step]
@@ -460,7 +460,7 @@ def _blur121(a: np.ndarray) -> np.ndarray:
 
 def _slabs(lo: Sequence[int], hi: Sequence[int]) -> Iterator[tuple[int, int]]:
     """Split axis 0 of a region so each slab has about _SLAB_VOXELS voxels."""
-    plane = max(1, math.prod(b - a for a, b in zip(lo[1:], hi[1:])))
+    plane = max(1, math.prod(b - a for a, b in zip(lo[1:], hi[1:], strict=True)))
     step = max(1, _SLAB_VOXELS // plane)
     for a in range(lo[0], hi[0], step):
         yield a, min(a + step, hi[0])
@@ -471,11 +471,11 @@ def _render(field: _NucleiField, lo: Sequence[int], hi: Sequence[int], *, noise:
             label_dtype: np.dtype = _UINT32
             ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Render the image and/or labels of the region ``[lo, hi)`` (global coordinates)."""
-    shape = tuple(b - a for a, b in zip(lo, hi))
+    shape = tuple(b - a for a, b in zip(lo, hi, strict=True))
     img = np.empty(shape, dtype) if image else None
     lab = np.empty(shape, label_dtype) if labels else None
     for sub_lo, sub_hi in _subregions(lo, hi):
-        out = tuple(slice(a - o, b - o) for a, b, o in zip(sub_lo, sub_hi, lo))
+        out = tuple(slice(a - o, b - o) for a, b, o in zip(sub_lo, sub_hi, lo, strict=True))
         s_img, s_lab = _render_subregion(field, sub_lo, sub_hi, noise=noise, dtype=dtype,
                                          image=image, labels=labels, label_dtype=label_dtype)
         if img is not None:
@@ -487,14 +487,14 @@ def _render(field: _NucleiField, lo: Sequence[int], hi: Sequence[int], *, noise:
 
 def _subregions(lo: Sequence[int], hi: Sequence[int]) -> Iterator[tuple[list[int], list[int]]]:
     """Cut a big region into near-cubic pieces of at most _SUBREGION_VOXELS voxels."""
-    block = [b - a for a, b in zip(lo, hi)]
+    block = [b - a for a, b in zip(lo, hi, strict=True)]
     while math.prod(block) > _SUBREGION_VOXELS:
         i = int(np.argmax(block))
         block[i] = (block[i] + 1) // 2
-    ranges = [range(a, b, step) for a, b, step in zip(lo, hi, block)]
+    ranges = [range(a, b, step) for a, b, step in zip(lo, hi, block, strict=True)]
     for start in np.ndindex(*(len(r) for r in ranges)):
-        s = [r[i] for r, i in zip(ranges, start)]
-        yield s, [min(a + b, h) for a, b, h in zip(s, block, hi)]
+        s = [r[i] for r, i in zip(ranges, start, strict=True)]
+        yield s, [min(a + b, h) for a, b, h in zip(s, block, hi, strict=True)]
 
 
 def _render_subregion(field: _NucleiField, lo: Sequence[int], hi: Sequence[int], *,
@@ -509,7 +509,7 @@ def _render_subregion(field: _NucleiField, lo: Sequence[int], hi: Sequence[int],
     lut_b = np.append(nuc.brightness, 0.0).astype(np.float32)
     offset, gain = _output_scale(dtype)
     info = np.iinfo(dtype) if dtype.kind in "iu" else None
-    shape = tuple(b - a for a, b in zip(lo, hi))
+    shape = tuple(b - a for a, b in zip(lo, hi, strict=True))
     img = np.empty(shape, dtype) if image else None
     lab = np.empty(shape, label_dtype) if labels else None
     inner = tuple(slice(1, -1) for _ in range(nd - 1))
@@ -800,10 +800,10 @@ def _default_image_codec(zarr_format: int) -> Any:
 
 def _chunk_regions(shape: Sequence[int], chunks: Sequence[int]
                    ) -> Iterator[tuple[list[int], list[int]]]:
-    grid = [range(0, s, c) for s, c in zip(shape, chunks)]
+    grid = [range(0, s, c) for s, c in zip(shape, chunks, strict=True)]
     for idx in np.ndindex(*(len(g) for g in grid)):
-        lo = [g[i] for g, i in zip(grid, idx)]
-        yield lo, [min(a + c, s) for a, c, s in zip(lo, chunks, shape)]
+        lo = [g[i] for g, i in zip(grid, idx, strict=True)]
+        yield lo, [min(a + c, s) for a, c, s in zip(lo, chunks, shape, strict=True)]
 
 
 def write_synthetic_nuclei(
@@ -879,8 +879,10 @@ def write_synthetic_nuclei(
     >>> shutil.rmtree(tmp)
     """
     shape = _check_params(shape, diameter, density, seed, noise)
-    chunks = tuple(min(int(c), s) for c, s in zip(chunks, shape))
-    if len(chunks) != len(shape) or min(chunks) < 1:
+    if len(chunks) != len(shape):
+        raise InputError(f"chunks {tuple(chunks)} do not fit shape {shape}")
+    chunks = tuple(min(int(c), s) for c, s in zip(chunks, shape, strict=True))
+    if min(chunks) < 1:
         raise InputError(f"chunks {chunks} do not fit shape {shape}")
     if zarr_format not in (2, 3):
         raise InputError(f"zarr_format must be 2 or 3, got {zarr_format}")
@@ -927,7 +929,7 @@ def write_synthetic_nuclei(
         lo, hi = region
         img, lab = _render(field, lo, hi, noise=noise, dtype=dtype, labels=lab_arr is not None,
                            label_dtype=label_dtype)
-        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
         assert img is not None
         image[box] = img
         if lab_arr is not None:
@@ -1001,11 +1003,12 @@ def _value_noise(lo: Sequence[int], hi: Sequence[int], seed: int, spacing: float
                  salt: int) -> np.ndarray:
     """Smooth random field: hashed lattice values, smooth-step interpolated, axis by axis."""
     nd = len(lo)
-    coords = [np.arange(a, b, dtype=np.float64) / spacing for a, b in zip(lo, hi)]
+    coords = [np.arange(a, b, dtype=np.float64) / spacing for a, b in zip(lo, hi, strict=True)]
     base = [np.floor(c).astype(np.int64) for c in coords]
     first = [int(b[0]) for b in base]
-    counts = [int(b[-1]) - f + 2 for b, f in zip(base, first)]
-    mesh = np.meshgrid(*[np.arange(f, f + n) for f, n in zip(first, counts)], indexing="ij")
+    counts = [int(b[-1]) - f + 2 for b, f in zip(base, first, strict=True)]
+    mesh = np.meshgrid(*[np.arange(f, f + n) for f, n in zip(first, counts, strict=True)],
+                       indexing="ij")
     cells = np.stack([m.ravel() for m in mesh], axis=1)
     field = _uniforms(_lattice_keys(seed, salt, cells), 1)[:, 0].reshape(counts)
     field = field.astype(np.float32)

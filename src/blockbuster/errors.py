@@ -13,6 +13,7 @@ from __future__ import annotations
 from string import Template
 
 __all__ = [
+    "OPTION_WORDS",
     "BlockbusterError",
     "ClusterError",
     "IncompleteOutputError",
@@ -26,7 +27,6 @@ __all__ = [
     "TileFailures",
     "TileSizeError",
     "WorkDirError",
-    "OPTION_WORDS",
     "render_message",
 ]
 

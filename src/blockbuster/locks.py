@@ -47,7 +47,7 @@ class RunLock:
             self.path.parent.mkdir(parents=True)
             self._made_parent = True
         while True:
-            f = open(self.path, "a+")
+            f = open(self.path, "a+")  # noqa: SIM115 -- held while the lock is, closed in release()
             try:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
@@ -87,7 +87,7 @@ def holder_of(lock_path: Path) -> str | None:
     import fcntl
 
     try:
-        f = open(lock_path)
+        f = open(lock_path)  # noqa: SIM115 -- the with below closes it
     except OSError:
         return None
     with f:

@@ -113,8 +113,8 @@ def _geometry(labels: np.ndarray, n: int, origin: tuple[int, ...]) -> dict[str, 
     hi = np.zeros((n + 1, ndim), np.int64)
     for label, box in enumerate(ndimage.find_objects(labels, max_label=n), start=1):
         if box is not None:
-            lo[label] = [s.start + o for s, o in zip(box, origin)]
-            hi[label] = [s.stop + o for s, o in zip(box, origin)]
+            lo[label] = [s.start + o for s, o in zip(box, origin, strict=True)]
+            hi[label] = [s.stop + o for s, o in zip(box, origin, strict=True)]
     sums = np.zeros((n + 1, ndim), np.float64)
     flat = labels.ravel().astype(np.intp, copy=False)
     for axis in range(ndim):
@@ -271,8 +271,8 @@ class MeasurementReducer:
         Columns: ``label``, ``voxels``, ``bbox_min_<ax>``, ``bbox_max_<ax>`` (exclusive),
         ``centroid_<ax>`` in voxels; with ``spacing`` (µm per axis; None for an axis without a
         length, such as time) also ``volume_um3`` (``area_um2`` in 2-D), ``centroid_<ax>_um``,
-        ``bbox_min_<ax>_um`` and ``bbox_max_<ax>_um``; per channel ``mean_intensity_<ch>``, ``min_intensity_<ch>``,
-        ``max_intensity_<ch>``, ``std_intensity_<ch>`` (population) and
+        ``bbox_min_<ax>_um`` and ``bbox_max_<ax>_um``; per channel ``mean_intensity_<ch>``,
+        ``min_intensity_<ch>``, ``max_intensity_<ch>``, ``std_intensity_<ch>`` (population) and
         ``integrated_intensity_<ch>`` (a channel named None gets no suffix).
         """
         rows = np.flatnonzero(self.count > 0)

@@ -24,6 +24,7 @@ image are per voxel, not per channel).
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import shutil
@@ -40,17 +41,17 @@ import zarr
 from .errors import InputError, OutputExistsError
 
 __all__ = [
-    "label_group_path",
-    "create_label_level0",
-    "finalize_ome_labels",
-    "write_ome_labels",
-    "pyramid_factors",
+    "axes_calibration",
     "build_pyramid",
-    "write_multiscales",
+    "create_label_level0",
+    "downsample_block",
+    "finalize_ome_labels",
+    "label_group_path",
     "level_transforms",
     "ngff_version",
-    "downsample_block",
-    "axes_calibration",
+    "pyramid_factors",
+    "write_multiscales",
+    "write_ome_labels",
 ]
 
 #: Downsampled levels stop once the image fits within this many voxels in y and x (or one
@@ -235,7 +236,7 @@ def pyramid_factors(
         if n_levels is not None:
             if len(factors) + 1 >= n_levels:
                 break
-        elif all(shape[i] <= t for i, t in zip(plane, target)):
+        elif all(shape[i] <= t for i, t in zip(plane, target, strict=True)):
             break
         f = [1] * len(shape)
         for i in plane:
@@ -248,8 +249,8 @@ def pyramid_factors(
         if all(x == 1 for x in f):
             break
         factors.append(tuple(f))
-        shape = [-(-s // x) for s, x in zip(shape, f)]
-        spacing = [s * x for s, x in zip(spacing, f)]
+        shape = [-(-s // x) for s, x in zip(shape, f, strict=True)]
+        spacing = [s * x for s, x in zip(spacing, f, strict=True)]
     return factors
 
 
@@ -278,10 +279,10 @@ def level_transforms(
     out: list[list[dict[str, Any]]] = []
     for level in range(len(factors) + 1):
         if level:
-            cumulative = [c * f for c, f in zip(cumulative, factors[level - 1])]
+            cumulative = [c * f for c, f in zip(cumulative, factors[level - 1], strict=True)]
         ts: list[dict[str, Any]] = [
-            {"type": "scale", "scale": [s * c for s, c in zip(scale, cumulative)]}]
-        shift = [b + (c - 1) * s / 2 for b, c, s in zip(base, cumulative, scale)]
+            {"type": "scale", "scale": [s * c for s, c in zip(scale, cumulative, strict=True)]}]
+        shift = [b + (c - 1) * s / 2 for b, c, s in zip(base, cumulative, scale, strict=True)]
         if any(shift):
             ts.append({"type": "translation", "translation": shift})
         out.append(ts)
@@ -290,7 +291,7 @@ def level_transforms(
 
 def _level_chunks(chunks: Sequence[int], shape: Sequence[int], itemsize: int) -> tuple[int, ...]:
     """Level-0 chunk shape clipped to the level and capped at MAX_LEVEL_CHUNK_BYTES."""
-    out = [max(1, min(int(c), int(s))) for c, s in zip(chunks, shape)]
+    out = [max(1, min(int(c), int(s))) for c, s in zip(chunks, shape, strict=True)]
     while math.prod(out) * itemsize > MAX_LEVEL_CHUNK_BYTES and max(out) > 1:
         i = int(np.argmax(out))
         out[i] = max(1, out[i] // 2)
@@ -325,12 +326,12 @@ def downsample_block(block: np.ndarray, factors: Sequence[int], method: str = "m
     factors = tuple(int(f) for f in factors)
     if all(f == 1 for f in factors):
         return block
-    pad = [(0, (-s) % f) for s, f in zip(block.shape, factors)]
+    pad = [(0, (-s) % f) for s, f in zip(block.shape, factors, strict=True)]
     if any(p for _, p in pad):
         block = np.pad(block, pad, mode="edge")
     nd = block.ndim
     split = []
-    for s, f in zip(block.shape, factors):
+    for s, f in zip(block.shape, factors, strict=True):
         split += [s // f, f]
     blocks = block.reshape(split).transpose([*range(0, 2 * nd, 2), *range(1, 2 * nd, 2)])
     values = blocks.reshape(blocks.shape[:nd] + (-1,))
@@ -419,10 +420,10 @@ def build_pyramid(
     _remove_levels(group, start=1)
     out = []
     for level, f in enumerate(factors, start=1):
-        ceil_shape = tuple(-(-s // x) for s, x in zip(prev.shape, f))
+        ceil_shape = tuple(-(-s // x) for s, x in zip(prev.shape, f, strict=True))
         shape = ceil_shape if shapes is None else tuple(int(s) for s in shapes[level - 1])
-        floor_shape = tuple(max(1, s // x) for s, x in zip(prev.shape, f))
-        if not all(a in (b, c) for a, b, c in zip(shape, floor_shape, ceil_shape)):
+        floor_shape = tuple(max(1, s // x) for s, x in zip(prev.shape, f, strict=True))
+        if not all(a in (b, c) for a, b, c in zip(shape, floor_shape, ceil_shape, strict=True)):
             raise InputError(f"level {level} shape {shape} is not {prev.shape} / {tuple(f)}")
         dst = _create_like(group, str(level), level0, shape)
         _downsample_into(prev, dst, tuple(f), method, workers)
@@ -454,9 +455,10 @@ def _create_like(group: zarr.Group, name: str, like: zarr.Array, shape: tuple[in
 def _downsample_into(src: zarr.Array, dst: zarr.Array, factors: tuple[int, ...], method: str,
                      workers: int | None) -> None:
     # One dask block per output chunk: writes never share a chunk, so no lock is needed.
-    in_chunks = tuple(c * f for c, f in zip(dst.chunks, factors))
+    in_chunks = tuple(c * f for c, f in zip(dst.chunks, factors, strict=True))
     x = da.from_zarr(src, chunks=in_chunks)
-    out_chunks = tuple(tuple(-(-c // f) for c in cs) for cs, f in zip(x.chunks, factors))
+    out_chunks = tuple(tuple(-(-c // f) for c in cs)
+                       for cs, f in zip(x.chunks, factors, strict=True))
     y = x.map_blocks(downsample_block, factors, method, chunks=out_chunks, dtype=src.dtype)
     y = y[tuple(slice(0, s) for s in dst.shape)]
     with dask.config.set(scheduler="threads", num_workers=workers or os.cpu_count() or 1):
@@ -492,7 +494,7 @@ def _read_parent(image_group: str | os.PathLike) -> _Parent:
     if not datasets:
         raise InputError(f"{path}: multiscales lists no datasets")
     first = _array(group, datasets[0]["path"])
-    axes = _normalise_axes(ms.get("axes") or [a for a in "tczyx"[-first.ndim:]])
+    axes = _normalise_axes(ms.get("axes") or list("tczyx"[-first.ndim:]))
     keep = [i for i, a in enumerate(axes) if a.get("type") != "channel"]
     shapes, transforms = [], []
     for ds in datasets:
@@ -527,9 +529,10 @@ def _scale_of(transforms: list[dict[str, Any]], key: str) -> list[float] | None:
 def _parent_factors(parent: _Parent) -> list[tuple[int, ...]] | None:
     """Integer factors between the parent's levels, or None if they are not integers."""
     factors = []
-    for prev, cur in zip(parent.shapes, parent.shapes[1:]):
-        f = tuple(max(1, round(p / c)) if c else 0 for p, c in zip(prev, cur))
-        ok = all(x >= 1 and c in (max(1, p // x), -(-p // x)) for p, c, x in zip(prev, cur, f))
+    for prev, cur in itertools.pairwise(parent.shapes):
+        f = tuple(max(1, round(p / c)) if c else 0 for p, c in zip(prev, cur, strict=True))
+        ok = all(x >= 1 and c in (max(1, p // x), -(-p // x))
+                 for p, c, x in zip(prev, cur, f, strict=True))
         if not ok:
             return None
         factors.append(f)

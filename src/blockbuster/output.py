@@ -30,9 +30,9 @@ from .tiling import TileGrid
 
 __all__ = [
     "WORK_SUFFIX",
+    "LabelView",
     "OutputTarget",
     "completion",
-    "LabelView",
     "is_blockbuster_output",
     "label_chunks",
     "mark_complete",
@@ -80,18 +80,23 @@ class OutputTarget:
         return self.ome_name is not None
 
     @property
+    def label_name(self) -> str:
+        """The label image's name (OME-Zarr outputs)."""
+        return self.ome_name or "blockbuster"
+
+    @property
     def array_path(self) -> Path | None:
         if self.path is None:
             return None
         return self.path / "0" if self.is_ome else self.path
 
     def exists(self) -> bool:
-        if self.path is not None:
+        if self.array_path is not None:
             return any((self.array_path / m).exists() for m in ("zarr.json", ".zarray"))
         try:
             zarr.open_array(store=self.store, mode="r")
             return True
-        except Exception:
+        except Exception:  # noqa: BLE001 -- nothing there, or not an array
             return False
 
     def open(self, mode: str = "r") -> zarr.Array:
@@ -114,7 +119,7 @@ class OutputTarget:
                                      dimension_names=names)
         from .ome import create_label_level0
 
-        arr = create_label_level0(self.ome_image, self.ome_name, shape, chunks, dtype,
+        arr = create_label_level0(self.ome_image, self.label_name, shape, chunks, dtype,
                                   standalone_path=self.path if self.ome_standalone else None,
                                   axes=self.axes)
         arr.attrs.update(attrs)
@@ -134,7 +139,8 @@ class OutputTarget:
         either output whole (:meth:`recover_conversion` tidies up on the next start).
         """
         if self.path is None:
-            raise BlockbusterError("more than 4,294,967,295 objects: a uint32 output in a zarr store "
+            raise BlockbusterError("more than 4,294,967,295 objects: a uint32 output in a zarr "
+                                   "store "
                         "cannot be converted to uint64; write to an output path instead")
         tmp, old = self._conversion_paths()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -150,7 +156,7 @@ class OutputTarget:
         for idx in stored:
             region = tuple(slice(i * c, min((i + 1) * c, s))
                            for i, c, s in zip(idx, arr.chunks, arr.shape, strict=True))
-            wide[region] = arr[region].astype(np.uint64)
+            wide[region] = np.asarray(arr[region]).astype(np.uint64)
         assert self.array_path is not None
         self.array_path.rename(old)
         tmp.rename(self.array_path)
@@ -175,7 +181,7 @@ class OutputTarget:
         if self.is_ome:
             from .ome import finalize_ome_labels
 
-            finalize_ome_labels(self.ome_image, self.ome_name,
+            finalize_ome_labels(self.ome_image, self.label_name,
                                 standalone_path=self.path if self.ome_standalone else None,
                                 axes=self.axes)
 
@@ -185,7 +191,7 @@ class OutputTarget:
             return is_blockbuster_output(self.path)
         try:
             return MARKER in zarr.open_array(store=self.store, mode="r").attrs
-        except Exception:  # nothing there, or not an array
+        except Exception:  # noqa: BLE001 -- nothing there, or not an array
             return False
 
     def occupied(self) -> list[str]:
@@ -199,7 +205,7 @@ class OutputTarget:
         try:
             zarr.open(store=self.store, mode="r")
             return ["zarr node"]
-        except Exception:  # nothing there
+        except Exception:  # noqa: BLE001 -- nothing there
             return []
 
     def check_location(self, inputs: Iterable[Path | None], *, claimed: bool = False) -> None:
@@ -337,12 +343,12 @@ def _resolve_output(output: Any, source: ImageSource, work_dir: Any, ome: bool |
     def work_for(path: Path) -> Path:
         return Path(work_dir) if work_dir else work_dir_for(path)
 
-    ome_input = source.kind == "ome-zarr"
-    if output is None and ome_input and ome is not False:
+    image = source.path if source.kind == "ome-zarr" else None  # a local OME-Zarr image
+    if output is None and image is not None and ome is not False:
         # The NGFF way: <image>/labels/<name>, listed in the image for napari & co.
-        group = source.path / "labels" / label_name
-        work = Path(work_dir) if work_dir else ome_work_dir(source.path, label_name)
-        return OutputTarget(group, None, work, ome_name=label_name, ome_image=source.path)
+        group = image / "labels" / label_name
+        work = Path(work_dir) if work_dir else ome_work_dir(image, label_name)
+        return OutputTarget(group, None, work, ome_name=label_name, ome_image=image)
     if output is None and source.path is None and source.url is not None:
         raise InputError(f"the input {source.url} is remote: give an $output path on this "
                          "machine (the work directory stays next to it)")
@@ -357,15 +363,15 @@ def _resolve_output(output: Any, source: ImageSource, work_dir: Any, ome: bool |
                                 ome_name=label_name if ome else None, ome_standalone=True)
     if isinstance(output, (str, Path)):
         path = Path(output)
-        if ome_input and ome is not False and _is_label_slot(path, source.path):
+        if image is not None and ome is not False and _is_label_slot(path, image):
             # <image>/labels/<name> named explicitly: the same label image (same lock and work
             # directory) as the default output with label_name=<name>
-            work = Path(work_dir) if work_dir else ome_work_dir(source.path, path.name)
-            return OutputTarget(source.path / "labels" / path.name, None, work,
-                                ome_name=path.name, ome_image=source.path)
+            work = Path(work_dir) if work_dir else ome_work_dir(image, path.name)
+            return OutputTarget(image / "labels" / path.name, None, work,
+                                ome_name=path.name, ome_image=image)
         standalone = ome if ome is not None else path.name.lower().endswith(".ome.zarr")
         return OutputTarget(path, None, work_for(path), ome_name=label_name if standalone else None,
-                            ome_image=source.path if ome_input else None, ome_standalone=True)
+                            ome_image=image, ome_standalone=True)
     if ome:
         raise InputError("ome=True needs an output path (or an OME-Zarr input), not a store")
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="blockbuster-work-"))
@@ -463,7 +469,7 @@ def verify_output(target: OutputTarget, view: LabelView, grid: TileGrid,
 
     try:
         out = target.open()
-    except Exception as exc:  # noqa: BLE001 -- missing metadata, or not an array any more
+    except Exception as exc:
         raise fail(f"it cannot be opened ({type(exc).__name__}: {exc})") from exc
     meta = completion(out) or {}
     if meta.get("params") != manifest["params"]:

@@ -112,7 +112,8 @@ class RunPlan:
 
         linked = self.grid.linked_axes
         return predict_peak_bytes(tuple(self.grid.tile_shape[a] for a in linked),
-                                  self.source.dtype, overlap=tuple(self.grid.depth[a] for a in linked),
+                                  self.source.dtype,
+                                  overlap=tuple(self.grid.depth[a] for a in linked),
                                   channels=self.source.n_channels,
                                   memory_model=self.segmenter.memory_model,
                                   image_shape=self.source.spatial_shape)

@@ -187,7 +187,7 @@ def expand_block(labels: np.ndarray, distance: float,
         if box is None:
             continue
         grown = tuple(slice(max(0, b.start - r), min(n, b.stop + r))
-                      for b, r, n in zip(box, reach, out.shape))
+                      for b, r, n in zip(box, reach, out.shape, strict=True))
         near = ndi.distance_transform_edt(local[grown] != label, sampling=sampling)
         closer = background[grown] & (near <= distance) & (near < best[grown])
         best[grown][closer] = near[closer]
@@ -470,20 +470,22 @@ def upsample_labels(labels: Any, factors: int | Sequence[int] | None = None, *,
     """
     lab = open_label_image(labels)
     target, per_axis = _target(lab.shape, factors, shape)
-    index = [source_indices(s_in, s_out, f) for s_in, s_out, f in zip(lab.shape, target, per_axis)]
+    index = [source_indices(s_in, s_out, f)
+             for s_in, s_out, f in zip(lab.shape, target, per_axis, strict=True)]
     spacing = None
     if lab.spacing is not None:
-        spacing = tuple(s * n_in / n_out for s, n_in, n_out in zip(lab.spacing, lab.shape, target))
+        spacing = tuple(s * n_in / n_out
+                        for s, n_in, n_out in zip(lab.spacing, lab.shape, target, strict=True))
     chunk_shape = tuple(chunks) if chunks is not None else lab.grid().tile_shape
-    grid = TileGrid(target, tuple(min(int(c), t) for c, t in zip(chunk_shape, target)))
+    grid = TileGrid(target, tuple(min(int(c), t) for c, t in zip(chunk_shape, target, strict=True)))
     out = create_label_output(output, lab, dtype=lab.dtype, shape=target, chunks=grid.tile_shape,
                               spacing=spacing, overwrite=overwrite, suffix="upsampled")
 
     def block(tile: Any) -> np.ndarray:
-        picks = [idx[c] for idx, c in zip(index, tile.core)]
+        picks = [idx[c] for idx, c in zip(index, tile.core, strict=True)]
         region = tuple(slice(int(p[0]), int(p[-1]) + 1) for p in picks)
         data = lab.read(region)
-        return data[np.ix_(*(p - r.start for p, r in zip(picks, region)))]
+        return data[np.ix_(*(p - r.start for p, r in zip(picks, region, strict=True)))]
 
     _write_tiles(out, grid, block, "upsampling", progress)
     top = lab.n_labels if lab.n_labels is not None else _max_label(out.array, grid, progress)
@@ -502,9 +504,10 @@ def _target(shape: tuple[int, ...], factors: Any, target: Any,
                 isinstance(f, (int, np.integer)) and not isinstance(f, bool) and f >= 1
                 for f in values):
             raise InputError(f"factors={factors!r} must be {len(shape)} integers >= 1")
-        return tuple(s * int(f) for s, f in zip(shape, values)), [int(f) for f in values]
+        scaled = tuple(s * int(f) for s, f in zip(shape, values, strict=True))
+        return scaled, [int(f) for f in values]
     out = tuple(int(t) for t in target)
-    if len(out) != len(shape) or any(t < s for t, s in zip(out, shape)):
+    if len(out) != len(shape) or any(t < s for t, s in zip(out, shape, strict=True)):
         raise InputError(f"shape={target!r} must have {len(shape)} sizes, each at least the "
                          f"labels' {shape}")
-    return out, [_pyramid_factor(s, t) for s, t in zip(shape, out)]
+    return out, [_pyramid_factor(s, t) for s, t in zip(shape, out, strict=True)]

@@ -19,7 +19,7 @@ from skimage.segmentation import find_boundaries
 from .errors import InputError
 from .io import ImageSource, open_image
 
-__all__ = ["save_preview", "label_colors", "grid_boundaries"]
+__all__ = ["grid_boundaries", "label_colors", "save_preview"]
 
 #: Voxels read per band (bounded memory whatever the plane size).
 _BAND_VOXELS = 1 << 24
@@ -82,7 +82,7 @@ def grid_boundaries(tile_grid: Any, shape: Sequence[int]) -> list[np.ndarray]:
         raise InputError(f"tile_grid {tile_grid!r} does not fit an image of shape {tuple(shape)}")
     shape = list(shape)[len(shape) - len(grid):]
     out = []
-    for spec, size in zip(grid, shape):
+    for spec, size in zip(grid, shape, strict=True):
         if isinstance(spec, (int, np.integer)):
             if spec < 1:
                 raise InputError(f"tile size must be positive, got {spec}")
@@ -110,7 +110,7 @@ def _plane_index(spatial: Sequence[int], plane: int | Sequence[int] | None) -> l
     if len(picks) != len(lead):
         raise InputError(f"plane {plane!r} must give {len(lead)} index(es) for shape "
                          f"{tuple(spatial)}")
-    for p, s in zip(picks, lead):
+    for p, s in zip(picks, lead, strict=True):
         if not 0 <= p < s:
             raise InputError(f"plane index {p} is outside 0..{s - 1}")
     return picks
@@ -158,7 +158,7 @@ def _window(spatial: Sequence[int], window: Sequence[slice] | None) -> tuple[sli
                                    for w in window):
         raise InputError(f"window must be two step-1 slices (y, x), got {window!r}")
     out = []
-    for w, size in zip(window, spatial[-2:]):
+    for w, size in zip(window, spatial[-2:], strict=True):
         start, stop, _ = w.indices(size)
         if stop <= start:
             raise InputError(f"window {window!r} is empty for a plane of {tuple(spatial[-2:])}")
@@ -292,7 +292,7 @@ def _draw_labels(rgb: np.ndarray, lab: np.ndarray, fill_alpha: float) -> None:
 def _draw_grid(rgb: np.ndarray, bounds: list[np.ndarray], sizes: list[int], factor: int
                ) -> None:
     """Blend 1-pixel lines at the interior tile boundaries (window coordinates)."""
-    for axis, (b, size) in enumerate(zip(bounds, sizes)):
+    for axis, (b, size) in enumerate(zip(bounds, sizes, strict=True)):
         pos = np.unique(b[(b > 0) & (b < size)] // factor)
         index: list[Any] = [slice(None), slice(None)]
         index[axis] = pos

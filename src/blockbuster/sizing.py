@@ -20,9 +20,10 @@ import contextlib
 import importlib.util
 import math
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import psutil
@@ -358,7 +359,7 @@ def _per_axis(value: int | Sequence[int] | None, ndim: int, name: str) -> tuple[
     """Broadcast an int (or None = 0) to ``ndim`` non-negative ints, or check a tuple's length."""
     if value is None:
         value = 0
-    values = (value,) * ndim if _is_int(value) else tuple(value)  # type: ignore[arg-type]
+    values: tuple[Any, ...] = (value,) * ndim if _is_int(value) else tuple(value)  # type: ignore[arg-type]
     if len(values) != ndim:
         raise InputError(f"{name}={value!r} has {len(values)} entries, expected {ndim}")
     if not all(_is_int(v) and v >= 0 for v in values):
@@ -559,7 +560,7 @@ def _sized_axes(ndim: int, spatial_ndim: int | None) -> tuple[bool, ...]:
 
 
 def _cubic_tile(edge: int, shape: tuple[int, ...], sized: tuple[bool, ...]) -> tuple[int, ...]:
-    return tuple(min(edge, e) if s else 1 for e, s in zip(shape, sized))
+    return tuple(min(edge, e) if s else 1 for e, s in zip(shape, sized, strict=True))
 
 
 def _largest_edge(fits: Callable[[int], bool], low: int, high: int) -> int:
@@ -593,7 +594,7 @@ def _round_to_chunks(
     Returns the rounded tile and the axes that were rounded.
     """
     candidates = []
-    for axis, (t, e, c, s) in enumerate(zip(tile, shape, chunks, sized)):
+    for axis, (t, e, c, s) in enumerate(zip(tile, shape, chunks, sized, strict=True)):
         rounded = (t // c) * c
         if s and t < e and rounded >= c and rounded != t:
             candidates.append((rounded / t, axis, rounded))
@@ -712,7 +713,7 @@ def plan_tile_shape(
             image_shape=shape,
         )
 
-    largest = max(e for e, s in zip(shape, sized) if s)
+    largest = max(e for e, s in zip(shape, sized, strict=True) if s)
     smallest = _cubic_tile(min(MIN_CORE_EDGE, largest), shape, sized)
     needed = peak(smallest)
     if needed > budget.total:
@@ -723,7 +724,8 @@ def plan_tile_shape(
         largest,
     )
     unrounded = _cubic_tile(edge, shape, sized)
-    tile, rounded_axes = unrounded, ()
+    tile: tuple[int, ...] = unrounded
+    rounded_axes: tuple[int, ...] = ()
     if chunks is not None:
         tile, rounded_axes = _round_to_chunks(unrounded, shape, chunks, sized)
 
@@ -799,7 +801,7 @@ def _explain(
         f"{format_bytes(predicted)} ({per_voxel:.1f} B/voxel + {format_bytes(fixed)} fixed) "
         f"within a {format_bytes(budget.total)} budget ({budget.description})"
     ]
-    if tuple(tile) == tuple(1 if not s else e for e, s in zip(shape, sized)):
+    if tuple(tile) == tuple(1 if not s else e for e, s in zip(shape, sized, strict=True)):
         parts.append("the whole image fits in one tile" if all(sized) else "whole planes fit")
     else:
         parts.append(f"largest cubic edge that fits: {edge}")
@@ -807,7 +809,8 @@ def _explain(
         leading = tuple(a for a, s in enumerate(sized) if not s)
         parts.append(f"axes {leading} set to 1 for a 2-D method")
     clipped = tuple(
-        a for a, (t, e, s) in enumerate(zip(unrounded, shape, sized)) if s and t == e < edge
+        a for a, (t, e, s) in enumerate(zip(unrounded, shape, sized, strict=True))
+        if s and t == e < edge
     )
     if clipped:
         parts.append(f"clipped to the image extent on axes {clipped}, other axes grown")
@@ -819,7 +822,7 @@ def _explain(
     if chunks is not None:
         off_grid = tuple(
             a
-            for a, (t, e, c, s) in enumerate(zip(tile, shape, chunks, sized))
+            for a, (t, e, c, s) in enumerate(zip(tile, shape, chunks, sized, strict=True))
             if s and t < e and t % c
         )
         if off_grid:
@@ -828,7 +831,8 @@ def _explain(
                 f"than {CHUNK_ROUNDING_MAX_LOSS:.0%} of the tile volume, or the edge is under "
                 "one chunk)"
             )
-    short = tuple(a for a, (t, d) in enumerate(zip(tile, depth)) if sized[a] and d > t - 1)
+    short = tuple(a for a, (t, d) in enumerate(zip(tile, depth, strict=True))
+                  if sized[a] and d > t - 1)
     if short:
         parts.append(f"halo clipped to the tile size minus one on axes {short}")
     return "; ".join(parts) + "."
@@ -1055,7 +1059,7 @@ def validate_tile_shape(
             f"got {len(values)}"
         )
     result = []
-    for axis, (size, extent) in enumerate(zip(values, spatial)):
+    for axis, (size, extent) in enumerate(zip(values, spatial, strict=True)):
         if size is None or (_is_int(size) and size == -1):
             result.append(extent)
         elif not _is_int(size):

@@ -58,7 +58,7 @@ def write_table(columns: dict[str, np.ndarray], path: str | Path, *,
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(columns)
-        writer.writerows(zip(*(_format(c, float_format) for c in columns.values())))
+        writer.writerows(zip(*(_format(c, float_format) for c in columns.values()), strict=True))
     return path
 
 

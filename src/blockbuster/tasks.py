@@ -150,7 +150,7 @@ def call_fn(ctx: TaskContext, tile: Tile, data: np.ndarray) -> tuple[Any, TileEr
             return _owned(ctx.fn(data)), None
         except BlockbusterError:
             raise  # a configuration problem (no GPU, missing extra...): fails every tile alike
-        except Exception as exc:  # the user's fn may raise anything; report it with the tile
+        except Exception as exc:  # noqa: BLE001 -- the user's fn may raise anything
             error = TileError(
                 f"{ctx.fn_label} failed on {tile.describe()} after {attempt + 1} attempt(s): "
                 f"{type(exc).__name__}: {exc}",
@@ -191,7 +191,7 @@ def check_result(ctx: TaskContext, tile: Tile, result: Any) -> np.ndarray:
                    "returns (labels, count): use its first item)")
     try:
         labels = np.asarray(result)
-    except Exception as exc:  # noqa: BLE001 -- anything array-like fails in its own way
+    except Exception as exc:
         raise fail(f"a {type(result).__name__} that is not an array ({exc})") from exc
     expected = tuple(n for a, n in enumerate(tile.padded_shape)
                      if a not in ctx.grid.unlinked_axes)

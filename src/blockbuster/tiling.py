@@ -19,7 +19,7 @@ from dask.array.core import normalize_chunks
 
 from .errors import InputError
 
-__all__ = ["Tile", "TileGrid", "normalize_overlap", "clip_depth"]
+__all__ = ["Tile", "TileGrid", "clip_depth", "normalize_overlap"]
 
 Region = tuple[slice, ...]
 
@@ -36,7 +36,8 @@ class Tile:
     @property
     def inner(self) -> Region:
         """The core, in coordinates relative to the padded region."""
-        return tuple(slice(c.start - p.start, c.stop - p.start) for c, p in zip(self.core, self.padded))
+        return tuple(slice(c.start - p.start, c.stop - p.start)
+                     for c, p in zip(self.core, self.padded, strict=True))
 
     @property
     def padded_shape(self) -> tuple[int, ...]:
@@ -65,7 +66,8 @@ def normalize_overlap(overlap: int | Sequence[int] | None, ndim: int) -> tuple[i
     else:
         values = tuple(overlap)
         if len(values) != ndim or not all(isinstance(v, (int, np.integer)) for v in values):
-            raise InputError(f"overlap={overlap!r} must be an int or {ndim} ints (one per spatial axis)")
+            raise InputError(f"overlap={overlap!r} must be an int or {ndim} ints (one per "
+                             "spatial axis)")
         values = tuple(int(v) for v in values)
     if any(v < 0 for v in values):
         raise InputError(f"overlap={overlap!r} is negative; it must be >= 0 voxels")
@@ -84,7 +86,7 @@ def clip_depth(overlap: tuple[int, ...], chunks: tuple[tuple[int, ...], ...]) ->
     (0, 20, 20)
     """
     depth = []
-    for o, sizes in zip(overlap, chunks):
+    for o, sizes in zip(overlap, chunks, strict=True):
         limit = min(sizes[:-1]) if len(sizes) > 1 else sizes[0]
         depth.append(max(0, min(o, limit - 1)))
     return tuple(depth)
@@ -151,7 +153,7 @@ class TileGrid:
 
     def tile(self, index: Sequence[int] | int) -> Tile:
         if isinstance(index, (int, np.integer)):
-            index = np.unravel_index(int(index), self.grid_shape)
+            index = tuple(int(i) for i in np.unravel_index(int(index), self.grid_shape))
         index = tuple(int(i) for i in index)
         core, padded = [], []
         for axis, i in enumerate(index):
@@ -191,15 +193,15 @@ class TileGrid:
         return tuple(a for a in range(self.ndim) if a not in self.unlinked_axes)
 
     def neighbour(self, index: tuple[int, ...], offset: tuple[int, ...]) -> tuple[int, ...] | None:
-        other = tuple(i + o for i, o in zip(index, offset))
-        if all(0 <= j < n for j, n in zip(other, self.grid_shape)):
+        other = tuple(i + o for i, o in zip(index, offset, strict=True))
+        if all(0 <= j < n for j, n in zip(other, self.grid_shape, strict=True)):
             return other
         return None
 
     def overlap_region(self, a: Tile, b: Tile) -> Region | None:
         """Where the padded regions of two tiles intersect (None if they don't)."""
         region = []
-        for pa, pb in zip(a.padded, b.padded):
+        for pa, pb in zip(a.padded, b.padded, strict=True):
             lo, hi = max(pa.start, pb.start), min(pa.stop, pb.stop)
             if hi <= lo:
                 return None

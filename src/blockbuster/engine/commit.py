@@ -26,15 +26,14 @@ from typing import Any
 import numpy as np
 
 from ..errors import BlockbusterError, TileError, TileFailures
+from ..output import LabelView
 from ..stitching import (
     UINT32_LIMIT,
     LabelBook,
     LabelOverflow,
     Stitcher,
     TileBoundary,
-    apply_changes,
 )
-from ..output import LabelView
 from ..tasks import SegmentedTile
 from ..tiling import Tile, TileGrid
 from .state import Entry, EntryRef, PackWriter, RunState

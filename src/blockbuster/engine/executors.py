@@ -20,8 +20,8 @@ from __future__ import annotations
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from concurrent.futures import Executor as FuturesExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 from ..errors import TileError
@@ -97,8 +97,10 @@ class InProcess(Executor):
                     if i + 1 < len(todo):
                         ahead = reader.submit(read_tile, ctx, todo[i + 1])
                     skipped = data is None
-                    intensities = None if skipped else image_core(ctx, tile, data)
-                    result, error = (None, None) if skipped else call_fn(ctx, tile, data)
+                    intensities, result, error = None, None, None
+                    if data is not None:
+                        intensities = image_core(ctx, tile, data)
+                        result, error = call_fn(ctx, tile, data)
                     del data
                     if storing is not None:
                         storing.result()  # in order; re-raises what the store thread raised

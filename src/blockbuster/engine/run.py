@@ -167,7 +167,7 @@ def execute(plan: RunPlan, target: OutputTarget, work: WorkDir, manifest: dict[s
                           work.path, writer.attempt, table=plan.table, retries=plan.retries,
                           mask=plan.mask, skip_empty=plan.skip_empty, measure=plan.measure)
         with make_progress(grid.n_tiles, "segmenting", progress, initial=done) as bar:
-            executor.run(ctx, todo, committer, bar)
+            segment_tiles(executor, ctx, todo, committer, bar)
         committer.check_done()
         writer.sync()
         result = _end_pass(plan, committer, writer, progress)
@@ -188,6 +188,12 @@ def execute(plan: RunPlan, target: OutputTarget, work: WorkDir, manifest: dict[s
         work.remove()
     log.info("wrote %d objects to %s", result.n_labels, target.describe())
     return output
+
+
+def segment_tiles(executor: Executor, ctx: TaskContext, todo: list[int], committer: Committer,
+                  bar: Any) -> None:
+    """Step 3: the executor runs the tiles; the committer labels and writes each one."""
+    executor.run(ctx, todo, committer, bar)
 
 
 def _open_output(target: OutputTarget, plan: RunPlan, work: WorkDir, manifest: dict[str, Any],

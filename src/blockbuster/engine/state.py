@@ -356,7 +356,7 @@ class RunState:
             with contextlib.suppress(ValueError):
                 self.attempts = max(self.attempts, int(pack.split("-", 1)[0]))
             for entry in self.reader.scan(pack):
-                if entry.kind != "raw" and 0 <= entry.tile < self.n_tiles or entry.kind == "u64":
+                if (entry.kind != "raw" and 0 <= entry.tile < self.n_tiles) or entry.kind == "u64":
                     self._check_and_note(entry)
 
     def _check_and_note(self, entry: Entry) -> None:

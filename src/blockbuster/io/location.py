@@ -63,7 +63,7 @@ class Location:
 
     def fs(self) -> tuple[Any, str]:
         """The fsspec filesystem and the path in it."""
-        import fsspec  # type: ignore[import-untyped]
+        import fsspec
 
         if self.url is None:
             return fsspec.filesystem("file"), str(self.path)
@@ -82,7 +82,7 @@ class Location:
         fs, path = self.fs()
         try:
             return bool(fs.exists(path))
-        except Exception:  # an unreachable server is not an existing input
+        except Exception:  # noqa: BLE001 -- an unreachable server is not an existing input
             return False
 
     def is_file(self) -> bool:
@@ -91,7 +91,7 @@ class Location:
         fs, path = self.fs()
         try:
             return bool(fs.isfile(path))
-        except Exception:
+        except Exception:  # noqa: BLE001 -- an unreachable server is not a file
             return False
 
     def child_exists(self, name: str) -> bool:

@@ -104,7 +104,8 @@ class Reader:
 
 def _load(target: str) -> type[Reader]:
     module, _, attr = target.partition(":")
-    return getattr(importlib.import_module(module), attr)  # type: ignore[no-any-return]
+    loaded: type[Reader] = getattr(importlib.import_module(module), attr)
+    return loaded
 
 
 @lru_cache(maxsize=1)
@@ -119,7 +120,7 @@ def _reader_classes() -> tuple[tuple[str, type[Reader]], ...]:
             continue
         try:
             cls = ep.load()
-        except Exception as exc:  # a broken third-party plugin must not break the others
+        except Exception as exc:  # noqa: BLE001 -- a broken plugin must not break the others
             warnings.warn(f"blockbuster reader plugin {ep.name!r} ({ep.value}) failed to load "
                           f"and is skipped: {type(exc).__name__}: {exc}", RuntimeWarning,
                           stacklevel=3)

@@ -151,7 +151,7 @@ class ImageSource:
         """Stored axes that are not tiled and not the channel axis, with the index read."""
         fixed = dict(self.fixed)
         known = self.meta.axes_known
-        for i, (axis, size) in enumerate(zip(self.axes, self.shape)):
+        for i, (axis, size) in enumerate(zip(self.axes, self.shape, strict=True)):
             if i == self.channel_axis or i in fixed:
                 continue
             if axis.type in ("time", "space"):
@@ -537,24 +537,24 @@ def sample_boxes(shape: Sequence[int], types: Sequence[str], max_voxels: int
     # sits at another place in space and the boxes still cover the time series evenly.
     timed = [i for i, t in enumerate(types) if t == "time"]
     positions = [1 if i in timed else max(1, s // e)
-                 for i, (s, e) in enumerate(zip(shape, extent))]
+                 for i, (s, e) in enumerate(zip(shape, extent, strict=True))]
     wanted = max(1, min(SAMPLE_BOXES, max_voxels // math.prod(extent)))
     counts = _spread(positions, wanted)
     starts = [[0] if i in timed else
               [min(s - e, max(0, int((k + 0.5) * s / n - e / 2))) for k in range(n)]
-              for i, (s, e, n) in enumerate(zip(shape, extent, counts))]
+              for i, (s, e, n) in enumerate(zip(shape, extent, counts, strict=True))]
     grid = np.stack(np.meshgrid(*[np.asarray(st) for st in starts], indexing="ij"), -1)
     corners = grid.reshape(-1, len(shape))
     for i in timed:
         corners[:, i] = ((np.arange(len(corners)) + 0.5) * shape[i] / len(corners)).astype(int)
-    return [tuple(slice(int(a), int(a) + e) for a, e in zip(corner, extent))
+    return [tuple(slice(int(a), int(a) + e) for a, e in zip(corner, extent, strict=True))
             for corner in corners]
 
 
 def _box_extent(shape: list[int], types: Sequence[str], voxels: int) -> list[int]:
     """About cubic box of ``voxels`` over the spatial axes longer than one voxel."""
     extent = [1] * len(shape)
-    free = [i for i, (s, t) in enumerate(zip(shape, types)) if t == "space" and s > 1]
+    free = [i for i, (s, t) in enumerate(zip(shape, types, strict=True)) if t == "space" and s > 1]
     budget = float(voxels)
     while free:
         side = budget ** (1 / len(free))
@@ -575,7 +575,7 @@ def _spread(positions: list[int], wanted: int) -> list[int]:
     counts = [1] * len(positions)
     while math.prod(counts) < wanted:
         # Grow the axis with the most room per box, while the total stays within wanted.
-        room = [(p / c, i) for i, (p, c) in enumerate(zip(positions, counts)) if c < p]
+        room = [(p / c, i) for i, (p, c) in enumerate(zip(positions, counts, strict=True)) if c < p]
         if not room:
             break
         _, i = max(room)

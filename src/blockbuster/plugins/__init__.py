@@ -1,7 +1,8 @@
 """Segmenter plugins: the registry of named segmenters and helpers for writing plugins.
 
 Segmenters are registered under the entry-point group ``blockbuster.segmenters``. blockbuster
-registers its own (``watershed``, ``cells``, ``cellpose``, ``stardist``); a third-party package adds one
+registers its own (``watershed``, ``cells``, ``cellpose``, ``stardist``); a third-party package
+adds one
 without touching blockbuster, in its ``pyproject.toml``::
 
     [project.entry-points."blockbuster.segmenters"]
@@ -67,7 +68,8 @@ def _distribution(ep: EntryPoint) -> str:
 
 
 def _pick(name: str, eps: list[EntryPoint]) -> EntryPoint:
-    """The entry point used for ``name``; a warning says which one when several packages claim it."""
+    """The entry point used for ``name``; a warning says which one when several packages claim
+    it."""
     if len(eps) > 1:
         others = ", ".join(f"{ep.value} ({_distribution(ep)})" for ep in eps[1:])
         warnings.warn(
@@ -101,7 +103,7 @@ def available_segmenters() -> dict[str, EntryPoint]:
         ep = _pick(name, eps)
         try:
             ep.load()
-        except Exception as exc:  # any error in a third-party module must not stop the listing
+        except Exception as exc:  # noqa: BLE001 -- a broken plugin must not stop the listing
             warnings.warn(
                 f"segmenter plugin {name!r} ({ep.value}, from {_distribution(ep)}) failed to "
                 f"load and is skipped: {type(exc).__name__}: {exc}",
@@ -234,7 +236,7 @@ def require(modules: Sequence[str], extra: str, what: str) -> None:
     >>> require(["surely_not_installed_xyz"], "xyz", "XYZ")
     Traceback (most recent call last):
     ...
-    blockbuster.errors.PluginNotInstalledError: the XYZ segmenter needs surely_not_installed_xyz, which is not installed: pip install "blockbuster[xyz]"
+    blockbuster.errors.PluginNotInstalledError: the XYZ segmenter needs ... "blockbuster[xyz]"
     """
     missing = [m for m in modules if not _importable(m)]
     if missing:

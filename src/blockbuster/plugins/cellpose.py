@@ -282,8 +282,8 @@ class CellposeSegmenter(Segmenter):
         """The ``CellposeModel`` for this configuration, loaded once per process."""
         return MODEL_CACHE.get(self._cache_key(), self._load)
 
-    def _cache_key(self) -> tuple:
-        model = self.model
+    def _cache_key(self) -> tuple[Any, ...]:
+        model: Any = self.model
         if os.path.exists(model):  # a retrained file at the same path is a new model
             st = os.stat(model)
             model = (model, st.st_mtime_ns, st.st_size)
@@ -314,7 +314,7 @@ def _cellpose_info() -> dict[str, Any]:
         from importlib.metadata import version
 
         ver = version("cellpose")
-    except Exception:  # a source checkout without metadata
+    except Exception:  # noqa: BLE001 -- a source checkout without metadata
         ver = "unknown"
     user = list(models.get_user_models()) if hasattr(models, "get_user_models") else []
     return {"v4": "cyto3" not in names, "names": names, "user": user, "version": ver,

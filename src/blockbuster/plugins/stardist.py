@@ -181,7 +181,7 @@ class StardistSegmenter(Segmenter):
         grid = self.spec.get("grid") or (1,) * self.n_dim
         anisotropy = self.spec.get("anisotropy") or (1.0,) * self.n_dim
         per_axis = tuple(math.ceil(BASE_OVERLAP * max(1.0, g / 2) / max(a, 1e-6))
-                         for g, a in zip(grid, anisotropy))
+                         for g, a in zip(grid, anisotropy, strict=True))
         return per_axis[0] if len(set(per_axis)) == 1 else per_axis
 
     @property

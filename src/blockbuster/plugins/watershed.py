@@ -235,7 +235,8 @@ def compute_threshold(values: np.ndarray, method: str = "otsu") -> float:
     0.0
     """
     if method not in THRESHOLD_METHODS:
-        raise InputError(f"threshold_method={method!r} must be one of {', '.join(THRESHOLD_METHODS)}")
+        raise InputError(f"threshold_method={method!r} must be one of "
+                         f"{', '.join(THRESHOLD_METHODS)}")
     values = np.asarray(values)
     if values.size == 0:
         raise InputError("cannot compute a threshold from no values")

@@ -137,12 +137,12 @@ def _place_nuclei(shape, diameter, density, touching, rng):
 def _paint(shape, centres, radii, rng):
     labels = np.zeros(shape, np.int32)
     score = np.full(shape, np.inf, np.float32)
-    for i, (c, r) in enumerate(zip(centres, radii), start=1):
+    for i, (c, r) in enumerate(zip(centres, radii, strict=True), start=1):
         lo = [max(0, int(np.floor(ci - r))) for ci in c]
-        hi = [min(s, int(np.ceil(ci + r)) + 1) for ci, s in zip(c, shape)]
-        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        hi = [min(s, int(np.ceil(ci + r)) + 1) for ci, s in zip(c, shape, strict=True)]
+        box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
         grids = np.ogrid[box]
-        rel = sum(((g + 0.5 - ci) / r) ** 2 for g, ci in zip(grids, c))
+        rel = sum(((g + 0.5 - ci) / r) ** 2 for g, ci in zip(grids, c, strict=True))
         rel = np.sqrt(rel).astype(np.float32)
         take = (rel < 1.0) & (rel < score[box])
         labels[box][take] = i

@@ -103,8 +103,8 @@ def crop_tiles(image: np.ndarray, sizes: Sequence[tuple[int, ...]],
     spatial = spatial_shape(image, channel_axis)
     tiles = []
     for size in sizes:
-        starts = [min(s - min(c, s), 3) for c, s in zip(size, spatial)]
-        region = [slice(a, a + min(c, s)) for a, c, s in zip(starts, size, spatial)]
+        starts = [min(s - min(c, s), 3) for c, s in zip(size, spatial, strict=True)]
+        region = [slice(a, a + min(c, s)) for a, c, s in zip(starts, size, spatial, strict=True)]
         if channel_axis is not None:
             region.insert(channel_axis % image.ndim, slice(None))
         tiles.append(np.ascontiguousarray(image[tuple(region)]))
@@ -293,7 +293,8 @@ def check_model_loaded_once(seg: Callable, tiles: Sequence[np.ndarray],
     for tile in list(tiles) * 2:
         seg(tile)
         copy(tile)
-    n = counter() - start
+    end = counter()
+    n = (end or 0) - start
     if n > 1:
         raise _fail(f"{_name(seg)} loaded its model {n} times for {4 * len(tiles)} calls in one "
                     "process; load it once per process (see blockbuster.plugins.ModelCache)")
@@ -322,7 +323,7 @@ def check_tile_process(seg: Callable, image: np.ndarray, *, channel_axis: int | 
         if not isinstance(preferred, tuple):
             preferred = (preferred,) * len(spatial)
         # The halo must stay smaller than the tile; a plane-thin tile gets none.
-        overlap = tuple(min(int(p), t - 1) for p, t in zip(preferred, tile_shape))
+        overlap = tuple(min(int(p), t - 1) for p, t in zip(preferred, tile_shape, strict=True))
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         out = tile_process(image, seg, tile_shape=tuple(tile_shape), overlap=overlap,
                            output=Path(tmp) / "labels.zarr", channel_axis=channel_axis,
@@ -405,7 +406,7 @@ def check_segmenter(
     for name, check in checks:
         try:
             result = check()
-        except Exception as exc:  # report every broken promise, not only the first
+        except Exception as exc:  # noqa: BLE001 -- report every broken promise
             failures.append(f"{name}: {type(exc).__name__}: {exc}")
             continue
         if result is not False:

@@ -64,8 +64,8 @@ class StackedArray:
         self.shape = grid + inner_shape
         self.ndim = len(self.shape)
         inner_chunks = getattr(self.datasets[0], "chunks", None) or inner_shape
-        self.chunks = (1,) * len(grid) + tuple(min(c, s) for c, s in zip(inner_chunks,
-                                                                           inner_shape))
+        self.chunks = (1,) * len(grid) + tuple(
+            min(c, s) for c, s in zip(inner_chunks, inner_shape, strict=True))
         self._keep = keep  # the open h5py.File
 
     def __getitem__(self, index: Any) -> np.ndarray:
@@ -74,7 +74,7 @@ class StackedArray:
         ng = len(self.grid)
         picks: list[list[int]] = []
         keep_axis: list[bool] = []
-        for k, size in zip(index[:ng], self.grid):
+        for k, size in zip(index[:ng], self.grid, strict=True):
             if isinstance(k, slice):
                 picks.append(list(range(*k.indices(size))))
                 keep_axis.append(True)
@@ -82,7 +82,7 @@ class StackedArray:
                 picks.append([int(k) % size])
                 keep_axis.append(False)
         inner: list[Any] = []
-        for k, size in zip(index[ng:], self.inner_shape):
+        for k, size in zip(index[ng:], self.inner_shape, strict=True):
             if isinstance(k, slice):
                 inner.append(slice(*k.indices(size)))
             else:
@@ -93,7 +93,7 @@ class StackedArray:
             flat = int(np.ravel_multi_index(cell, self.grid))
             block = np.asarray(self.datasets[flat][inner_t])
             blocks.append(block.view(self.dtype) if block.dtype != self.dtype else block)
-        counts = [len(p) for p, kept in zip(picks, keep_axis) if kept]
+        counts = [len(p) for p, kept in zip(picks, keep_axis, strict=True) if kept]
         out = np.stack(blocks).reshape(counts + list(blocks[0].shape))
         return out
 
@@ -223,7 +223,7 @@ def _open_dataset(file_loc: Location, ds: Any) -> ImageSource:
         spatial = [i for i, a in enumerate(axes) if a.type == "space"]
         targets = range(ds.ndim) if len(sizes) == ds.ndim else spatial[-len(sizes):]
         if len(sizes) in (ds.ndim, len(spatial)):
-            for i, size in zip(targets, sizes):
+            for i, size in zip(targets, sizes, strict=True):
                 if axes[i].type == "space":
                     axes[i] = Axis(axes[i].name, "space", "micrometer", size)
     meta = ImageMetadata(tuple(axes), reader="hdf5", format="HDF5 dataset",
@@ -248,7 +248,7 @@ def _open_imaris(file_loc: Location, f: Any, series: int | None) -> ImageSource:
     first = f[paths[0]]
     unit = _text_attr(info["Unit"]) if "Unit" in info else "um"
     axes = [Axis("t", "time"), Axis("c", "channel")]
-    for i, name in zip((2, 1, 0), "zyx"):
+    for i, name in zip((2, 1, 0), "zyx", strict=True):
         lo = float(_text_attr(info[f"ExtMin{i}"]))
         hi = float(_text_attr(info[f"ExtMax{i}"]))
         n = size["zyx".index(name)]
@@ -275,7 +275,7 @@ def _is_bdv_xml(location: Location) -> bool:
     try:
         with location.open_file() as f:
             head = f.read(4096)
-    except Exception:
+    except Exception:  # noqa: BLE001 -- unreadable: not an HDF5 file this reader can open
         return False
     return b"<SpimData" in head
 
@@ -340,7 +340,7 @@ def _open_bdv(file_loc: Location, xml: ET.Element | None, series: int | None) ->
     grid = (len(times), len(setups))
     voxel, unit, names = _bdv_calibration(xml, [int(s[1:]) for s in setups])
     axes = [Axis("t", "time"), Axis("c", "channel")]
-    axes += [Axis(n, "space", unit, v) for n, v in zip("zyx", voxel)]
+    axes += [Axis(n, "space", unit, v) for n, v in zip("zyx", voxel, strict=True)]
     ref = H5Ref(file_loc, paths, grid, inner, dtype.str)
     arr = StackedArray(grid, [f[p] for p in paths], inner, dtype, keep=f)
     meta = ImageMetadata(tuple(axes), names, reader="hdf5", format="BigDataViewer HDF5",

@@ -31,7 +31,7 @@ class TensorStoreArray:
         self.ndim = len(self.shape)
         self.dtype = np.dtype(store.dtype.numpy_dtype)
         chunk = store.chunk_layout.read_chunk.shape
-        self.chunks = tuple(int(c) if c else s for c, s in zip(chunk, self.shape))
+        self.chunks = tuple(int(c) if c else s for c, s in zip(chunk, self.shape, strict=True))
 
     def __getitem__(self, index: Any) -> np.ndarray:
         return np.asarray(self.store[index].read().result())
@@ -71,7 +71,7 @@ def _attributes(location: Location) -> dict[str, Any] | None:
     try:
         with location.join("attributes.json").open_file() as f:
             value = json.loads(f.read())
-    except Exception:
+    except Exception:  # noqa: BLE001 -- no readable attributes: not N5
         return None
     return value if isinstance(value, dict) else None
 
@@ -137,5 +137,5 @@ def _axes(attrs: dict[str, Any], ndim: int) -> tuple[tuple[Axis, ...], None]:
         axes = list(guessed_axes(ndim))
     if isinstance(sizes, list) and len(sizes) == ndim:
         axes = [Axis(a.name, a.type, unit if a.type == "space" else None, float(s))
-                for a, s in zip(axes, reversed(sizes))]
+                for a, s in zip(axes, reversed(sizes), strict=True)]
     return tuple(axes), None

@@ -188,7 +188,7 @@ def _parse_multiscale(attrs: dict[str, Any]) -> _Multiscale:
             from ome_zarr_models.v04.multiscales import Multiscale as Model  # type: ignore[assignment]
         clean = {k: v for k, v in raw.items() if not (nested and k == "version")}
         raw = Model.model_validate(clean).model_dump(mode="json", exclude_none=True)
-    except Exception as exc:  # real files are often slightly off the spec: read them anyway
+    except Exception as exc:  # noqa: BLE001 -- real files are often slightly off the spec
         problem = f"not valid NGFF {version}: {str(exc).splitlines()[0]}"
     axes = [_axis_dict(a) for a in raw.get("axes") or []]
     datasets = raw.get("datasets") or []
@@ -204,8 +204,8 @@ def _parse_multiscale(attrs: dict[str, Any]) -> _Multiscale:
         t = _vector(transforms, "translation", n, 0.0)
         gs = _vector(common, "scale", n, 1.0)
         gt = _vector(common, "translation", n, 0.0)
-        scales.append([a * b for a, b in zip(s, gs)])
-        translations.append([a * b + c for a, b, c in zip(t, gs, gt)])
+        scales.append([a * b for a, b in zip(s, gs, strict=True)])
+        translations.append([a * b + c for a, b, c in zip(t, gs, gt, strict=True)])
     return _Multiscale(axes, [str(d["path"]) for d in datasets], scales, translations,
                        version, raw.get("name"), problem)
 
@@ -264,7 +264,7 @@ def _ome_image(base: Location, group: zarr.Group, attrs: dict[str, Any], level: 
     names = _omero_names(attrs) or channel_names
     axes = tuple(Axis(str(a.get("name")), str(a.get("type") or axis_type_of_name(
         str(a.get("name")))), a.get("unit"), s, t)
-        for a, s, t in zip(ms.axes, ms.scales[level], ms.translations[level]))
+        for a, s, t in zip(ms.axes, ms.scales[level], ms.translations[level], strict=True))
     channel = next((i for i, a in enumerate(axes) if a.type == "channel"), None)
     if names is not None and (channel is None or len(names) != arr.shape[channel]):
         names = None
@@ -325,7 +325,7 @@ def _ome_xml_channel_names(base: Location, series: int) -> tuple[str, ...] | Non
     try:
         with xml.open_file() as f:
             text = f.read()
-    except Exception:
+    except Exception:  # noqa: BLE001 -- no readable OME-XML: channels stay unnamed
         return None
     return ome_xml_channel_names(text, series)
 
