@@ -685,3 +685,20 @@ def test_the_global_statistics_are_stored_with_the_output(tmp_path):
     again = tile_process(image.copy(), WatershedSegmenter(diameter=9), (32, 32),
                          output=tmp_path / "p.zarr", progress=False)
     assert again.attrs["blockbuster"]["statistics"] == stats  # independent of the tiling
+
+
+def test_a_lower_pyramid_level_is_segmented_and_lines_up_with_its_image(tmp_path):
+    """level=1 of an OME-Zarr image: labels at that level, inside the image, with its scale."""
+    from blockbuster.data import write_synthetic_nuclei
+
+    path = tmp_path / "img.ome.zarr"
+    write_synthetic_nuclei(path, (512, 512), chunks=(128, 128), ome=True)
+    level1 = zarr.open_array(str(path / "1"))[:]
+    out = tile_process(path, label, (128, 128), 8, stitch="iou", level=1, progress=False)
+    assert out.shape == level1.shape == (256, 256)
+    assert same_partition(out[:], tile_process(level1, label, (128, 128), 8, stitch="iou",
+                                               progress=False)[:])
+    image_ms = zarr.open_group(str(path)).attrs["ome"]["multiscales"][0]
+    labels_ms = zarr.open_group(str(path / "labels" / "blockbuster")).attrs["ome"]["multiscales"][0]
+    assert labels_ms["datasets"][0]["coordinateTransformations"] == \
+        image_ms["datasets"][1]["coordinateTransformations"]

@@ -38,6 +38,8 @@ def tile_process(
     *,
     output: str | Path | Any | None = None,
     channel_axis: int | None = None,
+    channels: int | str | Sequence[int | str] | None = None,
+    level: int = 0,
     stitch: str = "auto",
     iou_threshold: float = 0.5,
     connectivity: int = 1,
@@ -83,7 +85,13 @@ def tile_process(
         input, ``<image>/labels/<label_name>`` for OME-Zarr input, or a temporary directory for
         in-memory input.
     channel_axis : int, optional
-        Axis of the input holding channels: never tiled, absent from the output.
+        Axis of the input holding channels: never tiled, absent from the output. Default: from
+        the file's metadata (OME-Zarr, OME-TIFF, ImageJ, HDF5 layouts, bioio).
+    channels : int, str or sequence, optional
+        The channels ``fn`` gets, by index or by name (default: all of them).
+    level : int
+        Resolution level of a multiscale image to segment (0: full resolution). The labels are
+        made at that level; inside an OME-Zarr image they line up with it (same scale).
     stitch : {"auto", "faces", "iou", "none"}
         How labels are joined across tile borders (see :mod:`blockbuster.stitching`). "auto":
         the segmenter's preference, else "iou" with an overlap and "faces" without.
@@ -155,7 +163,7 @@ def tile_process(
     if overwrite and resume:
         raise InputError("$overwrite and $resume contradict each other: resume continues an "
                          "unfinished run, overwrite starts again; pass one of them")
-    source = open_image(image, channel_axis)
+    source = open_image(image, channel_axis, channels=channels, level=level)
     mask_source = _open_mask(mask)
     fn = _resolve_fn(fn, source.segment_channel_axis)
     info = describe_segmenter(fn)

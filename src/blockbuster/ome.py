@@ -479,7 +479,9 @@ class _Parent:
     chunks: tuple[int, ...]  # level-0 chunks, label axes only
 
 
-def _read_parent(image_group: str | os.PathLike) -> _Parent:
+def _read_parent(image_group: str | os.PathLike, level: int = 0) -> _Parent:
+    """What a label image takes from its image; ``level``: the image level that is the label
+    image's level 0 (labels segmented at a lower resolution line up with it)."""
     path = Path(image_group)
     try:
         group = zarr.open_group(str(path), mode="r")
@@ -502,9 +504,13 @@ def _read_parent(image_group: str | os.PathLike) -> _Parent:
         shapes.append(tuple(int(arr.shape[i]) for i in keep))
         transforms.append(_select_transforms(ds.get("coordinateTransformations"), keep))
     common = ms.get("coordinateTransformations")
-    return _Parent(path, _zarr_format(group), [axes[i] for i in keep], shapes, transforms,
-                   _select_transforms(common, keep) if common else None,
-                   tuple(int(first.chunks[i]) for i in keep))
+    if not 0 <= level < len(datasets):
+        raise InputError(f"{path} has {len(datasets)} resolution level(s); level {level} does "
+                         "not exist")
+    base = _array(group, datasets[level]["path"])
+    return _Parent(path, _zarr_format(group), [axes[i] for i in keep], shapes[level:],
+                   transforms[level:], _select_transforms(common, keep) if common else None,
+                   tuple(int(base.chunks[i]) for i in keep))
 
 
 def _select_transforms(transforms: list[dict[str, Any]] | None, keep: list[int]
@@ -580,6 +586,7 @@ def create_label_level0(
     shards: Sequence[int] | None = None,
     zarr_format: int | None = None,
     axes: Sequence[Any] | None = None,
+    level: int = 0,
 ) -> zarr.Array:
     """Create the empty full-resolution array of a label image, to be written in place.
 
@@ -616,13 +623,16 @@ def create_label_level0(
         Label axes (default: the image's without its channel axis, else z/y/x names), e.g.
         ``source.label_axes`` of the :class:`blockbuster.io.ImageSource` segmented. Inside an
         image they must have the image's names.
+    level : int
+        The image's resolution level the labels were made at: their level 0 lines up with it
+        (its shape, its scale), their pyramid with the image's levels below it.
 
     Returns
     -------
     zarr.Array
         The level-0 array ``<label group>/0``, filled with 0.
     """
-    parent = _read_parent(image_group) if image_group is not None else None
+    parent = _read_parent(image_group, level) if image_group is not None else None
     group_path = label_group_path(image_group, name, standalone_path)
     fmt: Literal[2, 3]
     if parent is not None:
@@ -737,6 +747,7 @@ def finalize_ome_labels(
     colors: list[dict[str, Any]] | None = None,
     properties: list[dict[str, Any]] | None = None,
     workers: int | None = None,
+    level: int = 0,
 ) -> Path:
     """Build the pyramid and NGFF metadata of a label image whose level 0 is written.
 
@@ -765,6 +776,8 @@ def finalize_ome_labels(
         properties (``{"label-value": 1, ...}``).
     workers : int, optional
         Threads used to build the pyramid.
+    level : int
+        As given to :func:`create_label_level0`.
 
     Returns
     -------
@@ -776,7 +789,7 @@ def finalize_ome_labels(
         raise InputError(f"{group_path} has no level 0: call create_label_level0 first")
     group = zarr.open_group(str(group_path), mode="r+")
     level0 = _array(group, "0")
-    parent = _read_parent(image_group) if image_group is not None else None
+    parent = _read_parent(image_group, level) if image_group is not None else None
     label_axes = _normalise_axes(axes) if axes is not None else (
         parent.axes if parent is not None else _default_axes(level0.ndim))
     if len(label_axes) != level0.ndim:

@@ -74,6 +74,8 @@ class OutputTarget:
     ome_standalone: bool = False
     #: the label axes (the input's without channels, with their calibration)
     axes: tuple[Any, ...] | None = None
+    #: the resolution level of ``ome_image`` the labels were made at (0: full resolution)
+    ome_level: int = 0
 
     @property
     def is_ome(self) -> bool:
@@ -121,7 +123,7 @@ class OutputTarget:
 
         arr = create_label_level0(self.ome_image, self.label_name, shape, chunks, dtype,
                                   standalone_path=self.path if self.ome_standalone else None,
-                                  axes=self.axes)
+                                  axes=self.axes, level=self.ome_level)
         arr.attrs.update(attrs)
         return arr
 
@@ -183,7 +185,7 @@ class OutputTarget:
 
             finalize_ome_labels(self.ome_image, self.label_name,
                                 standalone_path=self.path if self.ome_standalone else None,
-                                axes=self.axes)
+                                axes=self.axes, level=self.ome_level)
 
     def owned(self) -> bool:
         """Whether what lies at the output location was written by blockbuster."""
@@ -335,7 +337,8 @@ def resolve_output(output: Any, source: ImageSource, work_dir: Any, ome: bool | 
     from dataclasses import replace
 
     target = _resolve_output(output, source, work_dir, ome, label_name)
-    return replace(target, axes=source.label_axes)
+    level = source.meta.level if target.ome_image is not None else 0
+    return replace(target, axes=source.label_axes, ome_level=level)
 
 
 def _resolve_output(output: Any, source: ImageSource, work_dir: Any, ome: bool | None,
