@@ -72,7 +72,7 @@ SWEEP_3D = {
                  ((17, 33, 33), (8, 16, 16), "up"), ((20, 40, 40), "default", None)],
     "tile_norm": [((16, 32, 32), (8, 16, 16), None)],
     "own": [((16, 32, 32), (8, 16, 16)), ((16, 32, 32), (4, 8, 8)),
-            ((12, 24, 24), (8, 16, 16))],
+            ((16, 32, 32), (12, 24, 24))],
 }
 QUICK_2D = {"settings": [(128, 32, None), (129, 32, None)], "tile_norm": [(128, 32, None)],
             "own": [(128, 32)]}
@@ -163,10 +163,14 @@ def child(params: dict[str, Any]) -> list[dict[str, Any]]:
     whole_seconds = time.perf_counter() - start
     grid = grid_per_axis(seg.grid, ndim)
     default_overlap = per_axis(seg.preferred_overlap, ndim)
+    n_objects = int(len(np.unique(reference)) - 1)
     rows = [{"model": name, "method": "whole image (reference)", "tile": "-", "overlap": "-",
-             "seconds": whole_seconds, "f1": 1.0, "n_ref": int(len(np.unique(reference)) - 1)}]
+             "seconds": whole_seconds, "f1": 1.0, "n_ref": n_objects, "n_out": n_objects,
+             "grid": _fmt(grid), "preferred_overlap": _fmt(default_overlap)}]
     print(f"[{name}] grid {grid}, preferred overlap {seg.preferred_overlap}, "
           f"{rows[0]['n_ref']} objects in the whole-image prediction", file=sys.stderr, flush=True)
+
+    done: dict[tuple, dict[str, Any]] = {}
 
     def measure(method: str, normalize: str, tile: Any, overlap: Any, align: str | None,
                 stitch: str, segmenter: Any) -> None:
@@ -177,11 +181,14 @@ def child(params: dict[str, Any]) -> list[dict[str, Any]]:
                "tile": _fmt(t), "overlap": _fmt(o) + (" (default)" if overlap == "default"
                                                       else ""),
                "align": align or "-", "on_grid": on_grid(t, o, grid)}
-        try:
-            labels, seconds = run_tiled(image, segmenter, t, o, stitch, work / "out.zarr")
-            row.update(compare(reference, labels), seconds=seconds)
-        except Exception as exc:  # noqa: BLE001 (a new stitch mode may not exist yet: report it)
-            row.update(error=_error_text(exc))
+        key = (t, o, stitch, normalize)
+        if key not in done:  # alignment can map two settings onto one: measure it once
+            try:
+                labels, seconds = run_tiled(image, segmenter, t, o, stitch, work / "out.zarr")
+                done[key] = {**compare(reference, labels), "seconds": seconds}
+            except Exception as exc:  # noqa: BLE001 (a new stitch mode may not exist yet)
+                done[key] = {"error": _error_text(exc)}
+        row.update(done[key])
         rows.append(row)
         print(f"[{name}] {_line(row)}", file=sys.stderr, flush=True)
 
@@ -195,8 +202,9 @@ def child(params: dict[str, Any]) -> list[dict[str, Any]]:
             measure("blockbuster", "tile", tile, overlap, align, modes[0], per_tile)
     # distributed_eval takes a minute to fail (cluster start): try it on one block shape only
     own = sweep["own"] if name.startswith("stardist") else sweep["own"][:1]
-    for tile, overlap in own:
-        t, o = per_axis(tile, ndim), per_axis(overlap, ndim)
+    for tile, overlap in dict.fromkeys((tuple(per_axis(t, ndim)), tuple(per_axis(o, ndim)))
+                                       for t, o in own):
+        t, o = tile, overlap
         for row in own_mode(name, seg, image, reference, t, o, grid, work):
             rows.append(row)
             print(f"[{name}] {_line(row)}", file=sys.stderr, flush=True)
@@ -280,6 +288,7 @@ def cellpose_distributed(name: str, seg: Any, image: np.ndarray, reference: np.n
 
         if patched:
             cds.zarr = _Zarr2Open()
+        work = Path(tempfile.mkdtemp(dir=work))  # its log folder is named by the second
         os.chdir(work)  # it writes worker logs and dask scratch into the working directory
         volume = image if not patched else image[None]  # its stitching works on 3-D arrays only
         blocks = tile if not patched else (1, *tile)
@@ -384,12 +393,15 @@ def main() -> None:
         rows += run_model(name, sweep, stitch, args.cellpose3_overlay)
         print(f"{name}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     table_rows = [_cells(row) for row in rows]
+    declared = {r["model"]: r for r in rows if "grid" in r}
     quality = [{"model": n, "train_s": f"{m['train_seconds']:.0f}",
+                "grid": declared.get(n, {}).get("grid", "-"),
+                "overlap": declared.get(n, {}).get("preferred_overlap", "-"),
                 "f1_gt": f"{m['quality']['all']['f1']:.3f}",
                 "f1_held_out": (f"{m['quality']['held_out_rows']['f1']:.3f}"
                                 if "held_out_rows" in m["quality"] else "-"),
                 "objects": m["quality"]["all"]["n_ref"],
-                "config": ", ".join(f"{k} {v}" for k, v in m["config"].items()
+                "config": ", ".join(f"{k} {_short(v)}" for k, v in m["config"].items()
                                     if k != "thresholds")}
                for n, m in models.items()]
     tables = {
@@ -397,13 +409,23 @@ def main() -> None:
             format_table(quality, [("model", "model"), ("train_s", "training s"),
                                    ("f1_gt", "F1 vs ground truth"),
                                    ("f1_held_out", "F1 held-out rows"),
-                                   ("objects", "GT objects"), ("config", "config")]),
+                                   ("objects", "GT objects"), ("grid", "declared grid"),
+                                   ("overlap", "preferred overlap"), ("config", "config")]),
         "Tiled vs whole-image prediction of the same model:": format_table(table_rows, COLUMNS),
     }
     report("bench_fidelity", "Seam fidelity with learned models", tables, verdicts(rows),
            {"models": models, "rows": rows, "stitch": stitch},
            command_line(__file__, args.quick, *(["--stitch", args.stitch]
                                                 if args.stitch != "iou" else [])))
+
+
+def _short(value: Any) -> str:
+    """Floats (also inside lists) to 3 significant digits, for the models table."""
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, (list, tuple)):
+        return "(" + ", ".join(_short(v) for v in value) + ")"
+    return str(value)
 
 
 def _cells(row: dict[str, Any]) -> dict[str, Any]:
