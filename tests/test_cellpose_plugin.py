@@ -180,6 +180,49 @@ def test_declared_attributes(make) -> None:
     assert config["eval_kwargs"] == {"flow_threshold": 0}
 
 
+def test_grid_follows_the_rescale(make) -> None:
+    from blockbuster.segmenter import describe_segmenter
+
+    # The test model's diam_mean is 30 (Cellpose 4 always rescales by 30 / diameter).
+    assert make(diameter=30).grid == (8, 8)
+    assert make(diameter=20).grid == (16, 16)  # rescale 3/2: 16 input px = 24 network px
+    assert make(diameter=15).grid == (4, 4)
+    assert make(diameter=23.77).grid is None  # 3000/2377: no grid of sensible size
+    assert make(diameter=30, do_3D=True, anisotropy=2.0).grid == (4, 8, 8)
+    assert make(diameter=30, stitch_threshold=0.5).grid == (1, 8, 8)
+    assert describe_segmenter(make(diameter=20)).grid == (16, 16)
+
+
+@pytest.mark.parametrize("diameter", [30, 20])
+def test_cellpose_windows_start_on_the_grid(make, monkeypatch: pytest.MonkeyPatch,
+                                            diameter: float) -> None:
+    """Whatever the tile's size, Cellpose's padding and windows sit on multiples of 8 network
+    pixels from the tile's first pixel (recorded from Cellpose's own functions)."""
+    from cellpose import transforms
+
+    pads, windows = [], []
+    real_pad, real_tiles = transforms.get_pad_yx, transforms.make_tiles
+
+    def get_pad_yx(*args, **kwargs):
+        pads.append(real_pad(*args, **kwargs))
+        return pads[-1]
+
+    def make_tiles(*args, **kwargs):  # run_net pads, then cuts: pair each cut with its pad
+        out = real_tiles(*args, **kwargs)
+        windows.append((pads[-1], out[1], out[2]))
+        return out
+
+    monkeypatch.setattr(transforms, "get_pad_yx", get_pad_yx)
+    monkeypatch.setattr(transforms, "make_tiles", make_tiles)
+    image, _ = synthetic_nuclei((333, 250), diameter=diameter, seed=1)
+    seg = prepared(make(diameter=diameter), image)
+    assert seg(image).shape == (333, 250)
+    assert windows
+    for (ypad, _, xpad, _), ysub, xsub in windows:
+        assert {(int(y[0]) - ypad) % 8 for y in ysub} == {0}
+        assert {(int(x[0]) - xpad) % 8 for x in xsub} == {0}
+
+
 # -- running ----------------------------------------------------------------------------------
 def test_2d_tiles_and_per_plane_stacks(make, nuclei: np.ndarray) -> None:
     seg = prepared(make(), nuclei)

@@ -129,6 +129,32 @@ def test_declared_attributes(make) -> None:
     assert config["model"] == "tiny2d" and config["percentiles"] == [1.0, 99.8]
 
 
+def test_grid_is_stardists_own_input_divisor(make) -> None:
+    from blockbuster.segmenter import describe_segmenter
+
+    seg2, seg3 = make("tiny2d"), make("tiny3d")
+    # grid x unet_pool ** unet_n_depth: (2, 2) x 2 and (1, 2, 2) x 2 for the tiny models
+    assert seg2.grid == tuple(seg2.load_model()._axes_div_by("YX")) == (4, 4)
+    assert seg3.grid == tuple(seg3.load_model()._axes_div_by("ZYX")) == (2, 4, 4)
+    assert describe_segmenter(seg3).grid == (2, 4, 4)
+
+
+def test_preferred_overlap_is_a_multiple_of_the_grid(tmp_path: Path) -> None:
+    from blockbuster.plugins.stardist import stardist_fn
+
+    # An anisotropic 3-D model as trained on stardist's own img3d: 32 / anisotropy gives
+    # (15, 32, 30), off its (4, 8, 8) grid.
+    folder = tmp_path / "aniso3d"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "n_dim": 3, "axes": "ZYXC", "n_channel_in": 1, "grid": [1, 2, 2],
+        "anisotropy": [2.142857, 1.0, 1.071429], "backbone": "unet", "unet_n_depth": 2,
+        "unet_pool": [2, 2, 2]}))
+    seg = stardist_fn(folder)
+    assert seg.grid == (4, 8, 8)
+    assert seg.preferred_overlap == (16, 32, 32)
+
+
 # -- running ----------------------------------------------------------------------------------
 def test_2d_model_on_planes_and_stacks(make, nuclei: np.ndarray) -> None:
     seg = prepared(make(), nuclei)

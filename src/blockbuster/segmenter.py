@@ -4,12 +4,14 @@ A *segmenter* is any callable ``fn(tile) -> labels``. Plain functions work as th
 :class:`Segmenter` subclass can also declare what it prefers (overlap, stitching mode), how much
 memory it needs per voxel (for ``tile_shape="auto"``), whether it is a 2-D method that wants one
 z-slice per tile, and it can look at the whole image once before any tile runs (for example to
-compute global normalisation percentiles, so that neighbouring tiles see the same contrast).
+compute global normalisation percentiles, so that neighbouring tiles see the same contrast), and
+it can declare the grid its output is equivariant on (a U-Net that downsamples by 16 gives the
+same answer for a pixel in two tiles only when both tiles start on multiples of 16).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -18,7 +20,8 @@ import numpy as np
 if TYPE_CHECKING:
     from .io import ImageSource
 
-__all__ = ["MemoryModel", "Segmenter", "SegmenterInfo", "describe_segmenter", "fn_name"]
+__all__ = ["MemoryModel", "Segmenter", "SegmenterInfo", "describe_segmenter", "fn_name",
+           "grid_per_axis"]
 
 StitchMode = Literal["faces", "iou", "none"]
 
@@ -91,6 +94,14 @@ class Segmenter:
     spatial_ndim : int or None
         2 for methods that segment one 2-D plane at a time: ``"auto"`` then uses tiles one
         voxel deep in every leading axis. None: the method takes tiles of any dimensionality.
+    grid : int or tuple of int or None
+        The grid the method's output is equivariant on, per spatial axis, in input pixels (after
+        any rescaling the method does itself): shifting the input by a multiple of it shifts the
+        labels by as much, and by nothing else. A network that downsamples by 16 has grid 16;
+        tiles then give the whole-image answer only when every tile's read region starts on a
+        multiple of it (tile shape and overlap multiples of the grid). A tuple has one entry per
+        spatial axis of the method (see :func:`grid_per_axis`). None: nothing declared (any
+        placement; plain functions, watershed).
     channel_axis : int or None
         Set by ``tile_process`` before the first tile: where the channel axis is in each tile.
     """
@@ -100,6 +111,7 @@ class Segmenter:
     preferred_stitch: StitchMode | None = None
     memory_model: MemoryModel | None = None
     spatial_ndim: int | None = None
+    grid: int | tuple[int, ...] | None = None
     channel_axis: int | None = None
 
     def segment(self, tile: np.ndarray) -> np.ndarray:
@@ -147,6 +159,7 @@ class SegmenterInfo:
     memory_model: MemoryModel
     spatial_ndim: int | None
     identity: dict[str, Any]
+    grid: int | tuple[int, ...] | None = None
 
 
 def fn_name(fn: Callable) -> str:
@@ -182,4 +195,30 @@ def describe_segmenter(fn: Callable) -> SegmenterInfo:
         memory_model=getattr(fn, "memory_model", None) or DEFAULT_MEMORY_MODEL,
         spatial_ndim=getattr(fn, "spatial_ndim", None),
         identity={"fn": fn_name(fn), **(fn.config() if isinstance(fn, Segmenter) else {})},
+        grid=getattr(fn, "grid", None),
     )
+
+
+def grid_per_axis(grid: int | Sequence[int] | None, ndim: int) -> tuple[int, ...]:
+    """A declared grid as one int per spatial axis of an image with ``ndim`` spatial axes.
+
+    An int applies to every axis. A tuple covers the method's own axes, which are the last
+    ones (a 2-D method on a 3-D image segments each plane: the leading axes get 1). None: 1.
+
+    Examples
+    --------
+    >>> grid_per_axis(16, 2)
+    (16, 16)
+    >>> grid_per_axis((16, 16), 3)   # a 2-D network on a 3-D image, plane by plane
+    (1, 16, 16)
+    >>> grid_per_axis(None, 3)
+    (1, 1, 1)
+    """
+    if grid is None:
+        return (1,) * ndim
+    if isinstance(grid, (int, np.integer)):
+        return (int(grid),) * ndim
+    values = tuple(int(g) for g in grid)
+    if len(values) > ndim:
+        raise ValueError(f"grid {values} has more axes than the image ({ndim} spatial axes)")
+    return (1,) * (ndim - len(values)) + values

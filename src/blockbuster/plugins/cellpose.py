@@ -16,6 +16,16 @@ What this adds to calling Cellpose on each tile yourself:
   (``cpsam`` ...) and silently substitutes them for a 3.x name such as ``cyto3``; here that is
   an error that says what to install or use instead.
 - ``gpu=True`` without a usable GPU is an error (Cellpose itself silently runs on the CPU).
+- Tiles on the network's grid: Cellpose's networks (CPnet: three 2 x 2 poolings; Cellpose 4's
+  ViT: 8 x 8 patches) give the same answer for a pixel in two inputs only when both put it at
+  the same position modulo 8 network pixels. Cellpose rescales each input by ``rescale =
+  diam_mean / diameter`` (Cellpose 4: ``30 / diameter``), pads it centred to a multiple of 16
+  and cuts it into 224 (Cellpose 4: 256) pixel windows at positions that depend on its length.
+  The segmenter declares :attr:`CellposeSegmenter.grid`, the smallest input step whose
+  rescaled length is a multiple of 8 (``8 q / gcd(p, 8)`` for ``rescale = p / q``: 8 at
+  rescale 1, 16 at 1.5), and pads every tile at its end (zeros, as Cellpose pads) until
+  Cellpose's own padding and windows start on that grid too, then crops. Tiles that start on
+  multiples of the grid then see the image exactly as the whole image does.
 
 Nothing is imported from Cellpose or torch when this module is imported.
 """
@@ -25,10 +35,12 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import logging
 import math
 import os
 import threading
 from collections.abc import Sequence
+from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,7 +61,13 @@ from ._normalize import (
 if TYPE_CHECKING:
     from ..io import ImageSource
 
-__all__ = ["MODEL_CACHE", "CellposeSegmenter", "cellpose_fn"]
+__all__ = ["MODEL_CACHE", "CellposeSegmenter", "cellpose_fn", "input_grid"]
+
+log = logging.getLogger("blockbuster.plugins.cellpose")
+
+#: Cellpose's networks are equivariant on shifts by multiples of this many network pixels
+#: (CPnet pools three times by 2; Cellpose 4's ViT embeds 8 x 8 patches).
+_NET_GRID = 8
 
 #: Models loaded in this process, shared by every CellposeSegmenter.
 MODEL_CACHE = ModelCache("cellpose")
@@ -69,6 +87,12 @@ _RESERVED_EVAL_KWARGS = frozenset({
 #: Cellpose 3 guesses the axes of small arrays (an axis shorter than 8-10 is taken for channels),
 #: so tiles are padded to at least this size per spatial axis; Cellpose pads to 224-256 anyway.
 _MIN_EDGE = 16
+#: A rescale that needs a larger grid than this (in input pixels) is not aligned: its fraction
+#: p / q has a large q (e.g. diameter 23.77 at diam_mean 30), and tiles rounded that far would
+#: waste overlap.
+_MAX_GRID = 256
+#: Cellpose's own window size per version (``bsize``) when the user does not set one.
+_DEFAULT_BSIZE = {3: 224, 4: 256}
 
 # One inference at a time per model and process: GPU memory is sized for one tile.
 _EVAL_LOCKS: dict[Any, threading.Lock] = {}
@@ -179,6 +203,37 @@ class CellposeSegmenter(Segmenter):
         return None if self.do_3D or self._stitches_planes else 2
 
     @property
+    def rescale(self) -> tuple[float, ...]:
+        """How Cellpose resizes a tile per spatial axis before its network (z last in 3-D).
+
+        ``diam_mean / diameter`` (Cellpose 3: ``diam_mean`` is 30, 17 for ``nuclei``, a trained
+        model's own value from its file; without a diameter, ``diam_mean / diam_labels``);
+        Cellpose 4: ``30 / diameter``, 1 without one. In 3-D, z is also scaled by ``anisotropy``.
+        """
+        xy = self._xy_rescale()
+        if not self.do_3D:
+            return (xy, xy)
+        anisotropy = float(self.eval_kwargs.get("anisotropy") or 1.0)
+        return (xy * anisotropy, xy, xy)
+
+    @property
+    def grid(self) -> tuple[int, ...] | None:  # type: ignore[override]
+        """Per spatial axis, the input step that is a multiple of 8 network pixels after rescaling.
+
+        ``8 q / gcd(p, 8)`` for a rescale of ``p / q``: 8 at rescale 1, 16 at 1.5 (diameter
+        20 with a model trained at 30), 4 at 2. None when the rescale is no simple fraction
+        (the grid would exceed 256 pixels; choose a diameter with ``diam_mean / diameter`` a
+        simple fraction, e.g. 24 instead of 23.7, to get one). Planes segmented one at a time
+        (``stitch_threshold``) have grid 1 in z.
+        """
+        grids = tuple(input_grid(r, _NET_GRID) for r in self.rescale)
+        if any(g is None for g in grids):
+            return None
+        if self._stitches_planes and not self.do_3D:
+            return (1, *grids)  # type: ignore[arg-type]
+        return grids  # type: ignore[return-value]
+
+    @property
     def preferred_overlap(self) -> int | tuple[int, ...]:  # type: ignore[override]
         """One object diameter (30 when no diameter is given); in 3-D with ``anisotropy`` (z step
         over pixel size) an object spans ``diameter / anisotropy`` planes."""
@@ -225,6 +280,13 @@ class CellposeSegmenter(Segmenter):
         if self.normalize == "global":
             self.norm = Percentiles.from_image(image, self.percentiles)
             self._statistics = self.norm.statistics(image, self.percentiles)
+        if self.grid is None:
+            log.info("Cellpose rescales by %s (diameter %s): no tile grid of at most %d px "
+                     "maps onto its network's 8-pixel grid, so tiles cannot see the image "
+                     "exactly as the whole image does; a diameter that makes the rescale a "
+                     "simple fraction (e.g. 24 rather than 23.77 for a model trained at 30) "
+                     "gives one", ", ".join(f"{r:.4g}" for r in self.rescale), self.diameter,
+                     _MAX_GRID)
 
     def segment(self, tile: np.ndarray) -> np.ndarray:
         """Cellpose labels (uint32) of one tile; each z-plane separately unless ``do_3D``."""
@@ -267,15 +329,56 @@ class CellposeSegmenter(Segmenter):
         return args
 
     def _eval_plane(self, model: Any, plane: np.ndarray) -> np.ndarray:
-        padded, crop = _pad_min(plane, 2)
+        padded, crop = self._pad_to_grid(plane, self.rescale)
         masks = model.eval(padded, channel_axis=2, **self._eval_args(plane.shape[-1]))[0]
         return _as_labels(masks, padded.shape[:2])[crop]
 
     def _eval_volume(self, model: Any, volume: np.ndarray) -> np.ndarray:
-        padded, crop = _pad_min(volume, 3)
+        # Planes stitched in z (stitch_threshold) never pass z through the network.
+        rescale = self.rescale if self.do_3D else (None, *self.rescale)
+        padded, crop = self._pad_to_grid(volume, rescale)
         masks = model.eval(padded, channel_axis=3, z_axis=0, do_3D=self.do_3D,
                            **self._eval_args(volume.shape[-1]))[0]
         return _as_labels(masks, padded.shape[:3])[crop]
+
+    def _pad_to_grid(self, x: np.ndarray, rescale: Sequence[float | None]
+                     ) -> tuple[np.ndarray, tuple[slice, ...]]:
+        """Pad the spatial axes of ``x`` (channels last) at their end so that Cellpose's own
+        padding and windows start on the network grid; also to at least ``_MIN_EDGE``.
+
+        Cellpose 3 guesses axes on tiny inputs, hence the minimum. Zeros are what Cellpose pads
+        with after normalising; with ``normalize="tile"`` Cellpose normalises the padded input
+        itself, so edge values are repeated instead, not to shift its percentiles.
+        """
+        n_spatial = len(rescale)
+        window = self._cellpose_windows()
+        pad = []
+        for length, r in zip(x.shape[:n_spatial], rescale, strict=True):
+            aligned = length if r is None else aligned_length(length, r, **window)
+            target = max(_MIN_EDGE, aligned)
+            pad.append((0, target - length))
+        crop = tuple(slice(0, s) for s in x.shape[:n_spatial])
+        if not any(after for _, after in pad):
+            return x, crop
+        pad += [(0, 0)] * (x.ndim - n_spatial)
+        if self.normalize == "tile":
+            return np.pad(x, pad, mode="edge"), crop
+        return np.pad(x, pad, mode="constant"), crop
+
+    def _cellpose_windows(self) -> dict[str, Any]:
+        """How Cellpose pads and cuts its input (``aligned_length``'s keywords)."""
+        v4 = _cellpose_info()["v4"]
+        bsize = int(self.eval_kwargs.get("bsize") or _DEFAULT_BSIZE[4 if v4 else 3])
+        if self.do_3D and not v4:
+            bsize = _DEFAULT_BSIZE[3]  # Cellpose 3 does not pass bsize on in 3-D
+        return {"bsize": bsize, "tile_overlap": float(self.eval_kwargs.get("tile_overlap", 0.1)),
+                "augment": bool(self.eval_kwargs.get("augment", False)), "min_size": v4}
+
+    def _xy_rescale(self) -> float:
+        if _cellpose_info()["v4"]:
+            return 30.0 / self.diameter if self.diameter else 1.0
+        diam_mean, diam_labels = _diameters(self.model)
+        return diam_mean / (self.diameter or diam_labels)
 
     # -- the model ----------------------------------------------------------------------------
     def load_model(self) -> Any:
@@ -411,13 +514,109 @@ def _eval_lock(key: Any) -> threading.Lock:
 
 
 # -- arrays -----------------------------------------------------------------------------------
-def _pad_min(x: np.ndarray, n_spatial: int) -> tuple[np.ndarray, tuple[slice, ...]]:
-    """Pad the leading ``n_spatial`` axes to at least ``_MIN_EDGE`` by repeating edge values."""
-    pad = [(0, max(0, _MIN_EDGE - s)) for s in x.shape[:n_spatial]]
-    crop = tuple(slice(0, s) for s in x.shape[:n_spatial])
-    if not any(after for _, after in pad):
-        return x, crop
-    return np.pad(x, pad + [(0, 0)] * (x.ndim - n_spatial), mode="edge"), crop
+def input_grid(rescale: float, step: int) -> int | None:
+    """The smallest input length that Cellpose's rescaling maps to a multiple of ``step``.
+
+    For ``rescale = p / q`` (in lowest terms) that is ``q * step / gcd(p, step)``; None if
+    the rescale is no fraction with a denominator up to 1000 or the grid exceeds
+    ``_MAX_GRID``.
+
+    Examples
+    --------
+    >>> input_grid(1.0, 8), input_grid(1.5, 8), input_grid(2.0, 8), input_grid(30 / 17, 8)
+    (8, 16, 4, 68)
+    >>> input_grid(30 / 23.77, 8) is None
+    True
+    """
+    frac = Fraction(rescale).limit_denominator(1000)
+    if not math.isclose(float(frac), rescale, rel_tol=1e-9):
+        return None
+    grid = frac.denominator * step // math.gcd(frac.numerator, step)
+    return grid if grid <= _MAX_GRID else None
+
+
+def window_origins(length: int, *, bsize: int, tile_overlap: float = 0.1, augment: bool = False,
+                   min_size: bool = False) -> list[int]:
+    """Where Cellpose's network windows start in an input of ``length`` network pixels.
+
+    Mirrors ``cellpose.core.run_net``: centred padding to a multiple of 16 plus 8 on each side
+    (Cellpose 4, ``min_size``: at least ``bsize``), then windows of ``bsize`` at
+    ``linspace(0, padded - bsize, n)``. Origins are relative to the input's first pixel.
+
+    Examples
+    --------
+    >>> window_origins(192, bsize=224)      # one window; Cellpose pads 8 before
+    [-8]
+    >>> window_origins(560, bsize=224)      # four windows, three off the grid
+    [-8, 109, 226, 344]
+    """
+    before, after = _cellpose_padding(length, bsize if min_size else None)
+    padded = length + before + after
+    if augment:
+        padded = max(padded, bsize)
+        n = max(2, math.ceil(2.0 * padded / bsize))
+        starts = np.linspace(0, padded - bsize, n).astype(int)
+    else:
+        overlap = min(0.5, max(0.05, tile_overlap))
+        n = 1 if padded <= bsize else math.ceil((1.0 + 2 * overlap) * padded / bsize)
+        starts = np.linspace(0, padded - min(bsize, padded), n).astype(int)
+    return [int(s) - before for s in starts]
+
+
+def _cellpose_padding(length: int, min_size: int | None) -> tuple[int, int]:
+    """What ``cellpose.transforms.get_pad_yx`` pads before and after an axis (``div=16``,
+    ``extra=1``; ``min_size`` as Cellpose 4 passes ``bsize``). Checked against Cellpose's own
+    function by the plugin's tests."""
+    if min_size is None or length >= min_size:
+        missing = -(-length // 16) * 16 - length
+    else:
+        missing = max(0, min_size - length - 16)
+    return 8 + missing // 2, 8 + missing - missing // 2
+
+
+def aligned_length(length: int, rescale: float, *, bsize: int, tile_overlap: float = 0.1,
+                   augment: bool = False, min_size: bool = False) -> int:
+    """The smallest length >= ``length`` (input pixels) at which all of Cellpose's windows
+    start on multiples of 8 network pixels; ``length`` itself if the rescale has no grid.
+
+    Examples
+    --------
+    >>> aligned_length(192, 1.0, bsize=224), aligned_length(560, 1.0, bsize=224)
+    (192, 592)
+    >>> aligned_length(200, 1.5, bsize=224)  # 224 -> 336 network px: windows at -8, 120
+    224
+    """
+    grid = input_grid(rescale, _NET_GRID)
+    if grid is None:
+        return length
+    candidate = -(-length // grid) * grid
+    for _ in range(256):  # the window count grows slowly: a few steps suffice in practice
+        net = int(candidate * rescale)  # as Cellpose computes it
+        origins = window_origins(net, bsize=bsize, tile_overlap=tile_overlap, augment=augment,
+                                 min_size=min_size)
+        if net % _NET_GRID == 0 and all(o % _NET_GRID == 0 for o in origins):
+            return candidate
+        candidate += grid
+    return length
+
+
+@functools.lru_cache(maxsize=16)
+def _model_file_diameters(path: str, mtime_ns: int) -> tuple[float, float]:
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    diam_mean = float(state["diam_mean"].reshape(-1)[0]) if "diam_mean" in state else 30.0
+    diam_labels = (float(state["diam_labels"].reshape(-1)[0]) if "diam_labels" in state
+                   else diam_mean)
+    return diam_mean, diam_labels
+
+
+def _diameters(model: str) -> tuple[float, float]:
+    """Cellpose 3's ``(diam_mean, diam_labels)`` of a model name or file (as it loads them)."""
+    if os.path.exists(model):
+        return _model_file_diameters(model, os.stat(model).st_mtime_ns)
+    diam_mean = 17.0 if "nuclei" in model else 30.0
+    return diam_mean, diam_mean
 
 
 def _as_labels(masks: Any, shape: tuple[int, ...]) -> np.ndarray:

@@ -172,16 +172,32 @@ class StardistSegmenter(Segmenter):
         return 2 if self.n_dim == 2 else None
 
     @property
+    def grid(self) -> tuple[int, ...] | None:  # type: ignore[override]
+        """The network's grid per axis: StarDist's ``grid`` x ``unet_pool ** unet_n_depth``.
+
+        StarDist pads each input at its end to a multiple of this and predicts on it; two tiles
+        agree on a pixel only when both start on a multiple of it. None for a pretrained model
+        whose configuration is not on this machine yet (it is read from StarDist's download
+        cache when it is).
+        """
+        return self.spec.get("net_grid")
+
+    @property
     def preferred_overlap(self) -> int | tuple[int, ...]:  # type: ignore[override]
-        """32 (the guide's value for 2D_versatile_fluo), scaled by the model's grid and anisotropy.
+        """32 (the guide's value for 2D_versatile_fluo), scaled by the model's grid and anisotropy,
+        then rounded up to a multiple of the network grid.
 
         A model that predicts on a coarser grid than 2 was trained for larger objects; a 3-D
         model whose objects are flatter along an axis (``anisotropy``) needs less halo there.
+        An overlap off the network grid makes the tiles' read regions start off it (an
+        anisotropic 3-D model with overlap (15, 32, 30) instead of (16, 32, 32) lost 10 % F1).
         """
         grid = self.spec.get("grid") or (1,) * self.n_dim
         anisotropy = self.spec.get("anisotropy") or (1.0,) * self.n_dim
         per_axis = tuple(math.ceil(BASE_OVERLAP * max(1.0, g / 2) / max(a, 1e-6))
                          for g, a in zip(grid, anisotropy, strict=True))
+        net_grid = self.grid or (1,) * self.n_dim
+        per_axis = tuple(-(-o // n) * n for o, n in zip(per_axis, net_grid, strict=True))
         return per_axis[0] if len(set(per_axis)) == 1 else per_axis
 
     @property
@@ -333,7 +349,28 @@ def _folder_spec(folder: Path) -> dict[str, Any]:
     return {"class": f"StarDist{n_dim}D", "n_dim": n_dim, "folder": str(folder.resolve()),
             "n_channel_in": int(config.get("n_channel_in", 1)),
             "grid": tuple(config.get("grid") or (1,) * n_dim),
-            "anisotropy": tuple(config["anisotropy"]) if config.get("anisotropy") else None}
+            "anisotropy": tuple(config["anisotropy"]) if config.get("anisotropy") else None,
+            "net_grid": network_grid(config, n_dim)}
+
+
+def network_grid(config: dict[str, Any], n_dim: int) -> tuple[int, ...]:
+    """The multiple StarDist pads every input to (its ``_axes_div_by``), from a ``config.json``.
+
+    A U-Net backbone: ``grid * unet_pool ** unet_n_depth`` per axis; a ResNet: ``grid``.
+
+    Examples
+    --------
+    >>> network_grid({"grid": [2, 2], "unet_n_depth": 3, "unet_pool": [2, 2]}, 2)
+    (16, 16)
+    >>> network_grid({"grid": [1, 2, 2], "unet_n_depth": 2, "backbone": "unet"}, 3)
+    (4, 8, 8)
+    """
+    grid = tuple(int(g) for g in (config.get("grid") or (1,) * n_dim))
+    if config.get("backbone", "unet") != "unet":
+        return grid
+    pool = tuple(int(p) for p in (config.get("unet_pool") or (2,) * n_dim))
+    depth = int(config.get("unet_n_depth", 3 if n_dim == 2 else 2))
+    return tuple(g * p**depth for g, p in zip(grid, pool, strict=True))
 
 
 def _pretrained_spec(name: str) -> dict[str, Any]:
@@ -345,12 +382,34 @@ def _pretrained_spec(name: str) -> dict[str, Any]:
             # Pretrained configs are not available before download; the known ones take one
             # channel, except the H&E model (RGB).
             channels = 3 if names[name] == "2D_versatile_he" else 1
-            return {"class": cls_name, "n_dim": n_dim, "folder": None, "key": names[name],
-                    "n_channel_in": channels, "grid": None, "anisotropy": None}
+            spec = {"class": cls_name, "n_dim": n_dim, "folder": None, "key": names[name],
+                    "n_channel_in": channels, "grid": None, "anisotropy": None,
+                    "net_grid": None}
+            cached = _cached_pretrained_config(cls_name, names[name])
+            if cached is not None:
+                spec.update(grid=tuple(cached.get("grid") or (1,) * n_dim),
+                            anisotropy=(tuple(cached["anisotropy"]) if cached.get("anisotropy")
+                                        else None),
+                            net_grid=network_grid(cached, n_dim))
+            return spec
     known = sorted(n for names in registry.values() for n in names)
     raise InputError(f"{name!r} is neither a pretrained StarDist model ({', '.join(known)}) nor "
                      "a model folder; for your own model pass its folder, or its name and "
                      "basedir=")
+
+
+def _cached_pretrained_config(cls_name: str, key: str) -> dict[str, Any] | None:
+    """The config.json of a pretrained model already in Keras' download cache, else None.
+
+    csbdeep downloads pretrained models to ``$KERAS_HOME/models/<class>/<key>/`` (``~/.keras``
+    by default); nothing is downloaded here.
+    """
+    home = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")).expanduser()
+    folder = home / "models" / cls_name / key
+    for path in sorted(folder.rglob("config.json")) if folder.is_dir() else ():
+        with contextlib.suppress(OSError, ValueError):
+            return dict(json.loads(path.read_text()))
+    return None
 
 
 @functools.lru_cache(maxsize=1)

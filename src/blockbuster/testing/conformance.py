@@ -151,6 +151,7 @@ def check_attributes(seg: Any) -> None:
     if info.preferred_stitch not in STITCH_MODES:
         raise _fail(f"preferred_stitch={info.preferred_stitch!r} must be one of {STITCH_MODES}")
     _check_memory_model(getattr(seg, "memory_model", None))
+    _check_grid(info.grid)
     nd = info.spatial_ndim
     if nd is not None and (isinstance(nd, bool) or not isinstance(nd, int) or nd < 1):
         raise _fail(f"spatial_ndim={nd!r} must be None or a positive int")
@@ -166,6 +167,16 @@ def _check_overlap(overlap: Any) -> None:
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
             raise _fail(f"preferred_overlap={overlap!r} must be None, an int >= 0 or a tuple "
                         "of them")
+
+
+def _check_grid(grid: Any) -> None:
+    if grid is None:
+        return
+    values = grid if isinstance(grid, tuple) else (grid,)
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise _fail(f"grid={grid!r} must be None, an int >= 1 or a tuple of them (one per "
+                        "spatial axis, in input pixels)")
 
 
 def _check_memory_model(model: Any) -> None:

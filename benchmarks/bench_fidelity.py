@@ -1,0 +1,462 @@
+"""Seam fidelity with real learned models: tiled vs whole-image prediction of the same model.
+
+For each model trained by ``train_models.py`` (StarDist 2-D and 3-D, Cellpose 3), on the real
+nuclei images it was trained on:
+
+- the *reference* is the plugin segmenter applied to the whole image at once (the same
+  normalisation percentiles as the tiled runs, so only tiling differs);
+- blockbuster ``tile_process`` with that segmenter, over a sweep of tile shapes x overlaps x
+  stitch modes (``--stitch iou,...``: add a new mode here and it is measured at every setting),
+  with ``normalize="global"`` (the default) and a few settings with ``normalize="tile"``;
+- tile shapes rounded to the segmenter's declared network ``grid`` by the benchmark itself
+  (``align``: ``up`` rounds tile shape and overlap up to multiples of the grid, ``nearest`` to
+  the nearest multiple), to measure what aligning the tiles to the grid gains;
+- the tools' own large-image modes on the same images: StarDist ``predict_instances_big``
+  (blocks of tile + 2 x overlap, ``min_overlap`` = overlap, ``context`` = half the overlap,
+  rounded to the grid) and Cellpose's ``distributed_eval`` (blocks of the tile shape, its own
+  fixed overlap of 2 x diameter, on a local dask cluster).
+
+Per setting: object F1 at IoU 0.5 against the reference, fused objects (one tiled object holds
+the largest part of two reference objects), split objects (one reference object holds the
+largest part of two tiled objects), the share of foreground voxels whose two labels are a
+matched pair ("1:1 voxels"), and wall time. Each model runs in its own child process
+(Cellpose 3 with the overlay on ``PYTHONPATH``).
+
+Run::
+
+    python benchmarks/train_models.py ...        # first (see its docstring)
+    python benchmarks/bench_fidelity.py [--quick] [--models stardist2d,cellpose3]
+        [--stitch iou] [--cellpose3-overlay /work/venv/cellpose3-overlay]
+
+Writes ``benchmarks/out/bench_fidelity.md`` and ``.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _fidelity import compare, load_pair
+from train_models import EVAL, read_manifest, up_to_date
+
+from _common import OUT, ROOT, command_line, format_table, parse_args, report
+
+WORK = OUT / "fidelity_work"
+DEFAULT_OVERLAY = Path("/work/venv/cellpose3-overlay")
+
+#: The sweep per model: (tile, overlap, align) settings with normalize="global"; then the
+#: settings repeated with normalize="tile"; then the tool's own mode per (tile, overlap).
+SWEEP_2D = {
+    "settings": [(128, 16, None), (128, 32, None), (129, 32, None), (129, 32, "up"),
+                 (129, 32, "nearest"), (176, 32, None), (177, 32, None), (177, 32, "up"),
+                 (128, 24, None), (144, 32, None)],
+    "tile_norm": [(128, 32, None), (176, 32, None)],
+    "own": [(128, 32), (176, 32)],
+}
+SWEEP_3D = {
+    "settings": [((16, 32, 32), (4, 8, 8), None), ((16, 32, 32), (8, 16, 16), None),
+                 ((16, 32, 32), (12, 24, 24), None), ((16, 32, 32), (15, 32, 30), None),
+                 ((16, 32, 32), "default", None), ((12, 24, 24), (4, 8, 8), None),
+                 ((12, 24, 24), (8, 16, 16), None), ((17, 33, 33), (8, 16, 16), None),
+                 ((17, 33, 33), (8, 16, 16), "up"), ((20, 40, 40), "default", None)],
+    "tile_norm": [((16, 32, 32), (8, 16, 16), None)],
+    "own": [((16, 32, 32), (8, 16, 16)), ((16, 32, 32), (4, 8, 8)),
+            ((16, 32, 32), (12, 24, 24))],
+}
+QUICK_2D = {"settings": [(128, 32, None), (129, 32, None)], "tile_norm": [(128, 32, None)],
+            "own": [(128, 32)]}
+QUICK_3D = {"settings": [((16, 32, 32), (8, 16, 16), None)], "tile_norm": [], "own": []}
+
+MODELS = ("stardist2d", "stardist3d", "cellpose3")
+
+
+# -- settings -----------------------------------------------------------------------------------
+def per_axis(value: int | Sequence[int], ndim: int) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (int(value),) * ndim
+
+
+def align_to_grid(tile: Sequence[int], overlap: Sequence[int], grid: Sequence[int],
+                  rule: str | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Tile shape and overlap rounded to multiples of ``grid`` (per axis).
+
+    ``up``: both rounded up; ``nearest``: the tile to the nearest multiple (at least one grid
+    step), the overlap up (a smaller halo than asked for would cut objects). With both on the
+    grid, every tile's read region (``k * tile - overlap``) starts on the grid.
+
+    >>> align_to_grid((129, 129), (32, 32), (16, 16), "up")
+    ((144, 144), (32, 32))
+    >>> align_to_grid((129, 129), (30, 30), (16, 16), "nearest")
+    ((128, 128), (32, 32))
+    """
+    if rule is None:
+        return tuple(tile), tuple(overlap)
+
+    def up(v: int, g: int) -> int:
+        return -(-v // g) * g
+
+    if rule == "up":
+        new_tile = tuple(up(t, g) for t, g in zip(tile, grid, strict=True))
+    elif rule == "nearest":
+        new_tile = tuple(max(g, round(t / g) * g) for t, g in zip(tile, grid, strict=True))
+    else:
+        raise ValueError(f"unknown alignment rule {rule!r}")
+    return new_tile, tuple(up(o, g) for o, g in zip(overlap, grid, strict=True))
+
+
+def on_grid(tile: Sequence[int], overlap: Sequence[int], grid: Sequence[int]) -> bool:
+    """Whether every read region starts on the grid (halo clipped as blockbuster clips it)."""
+    depth = [min(o, t - 1) for o, t in zip(overlap, tile, strict=True)]
+    return all(t % g == 0 and d % g == 0 for t, d, g in zip(tile, depth, grid, strict=True))
+
+
+# -- the child: one model, every setting ----------------------------------------------------------
+def make_segmenter(name: str, normalize: str = "global") -> Any:
+    manifest = read_manifest(name)
+    assert manifest is not None
+    path = manifest["model_path"]
+    if name.startswith("stardist"):
+        from blockbuster.plugins.stardist import stardist_fn
+
+        return stardist_fn(path, normalize=normalize)
+    from blockbuster.plugins.cellpose import cellpose_fn
+
+    return cellpose_fn(path, normalize=normalize, **EVAL[name])
+
+
+def run_tiled(image: np.ndarray, seg: Any, tile: tuple[int, ...], overlap: tuple[int, ...],
+              stitch: str, out: Path) -> tuple[np.ndarray, float]:
+    import zarr
+
+    from blockbuster import tile_process
+
+    start = time.perf_counter()
+    tile_process(image, seg, tile_shape=tile, overlap=overlap, stitch=stitch, output=str(out),
+                 overwrite=True, progress=False)
+    seconds = time.perf_counter() - start
+    return zarr.open_array(str(out), mode="r")[:], seconds
+
+
+def child(params: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every setting of one model, in this process (the model loads once)."""
+    from blockbuster.io import open_image
+    from blockbuster.segmenter import grid_per_axis
+
+    name, sweep, modes = params["model"], params["sweep"], params["stitch"]
+    ndim = 3 if name == "stardist3d" else 2
+    image, _ = load_pair(ndim)
+    work = Path(tempfile.mkdtemp(dir=WORK))
+    seg = make_segmenter(name)
+    seg.prepare(open_image(image))
+    start = time.perf_counter()
+    reference = seg(image)
+    whole_seconds = time.perf_counter() - start
+    grid = grid_per_axis(seg.grid, ndim)
+    default_overlap = per_axis(seg.preferred_overlap, ndim)
+    n_objects = int(len(np.unique(reference)) - 1)
+    rows = [{"model": name, "method": "whole image (reference)", "tile": "-", "overlap": "-",
+             "seconds": whole_seconds, "f1": 1.0, "n_ref": n_objects, "n_out": n_objects,
+             "grid": _fmt(grid), "preferred_overlap": _fmt(default_overlap)}]
+    print(f"[{name}] grid {grid}, preferred overlap {seg.preferred_overlap}, "
+          f"{rows[0]['n_ref']} objects in the whole-image prediction", file=sys.stderr, flush=True)
+
+    done: dict[tuple, dict[str, Any]] = {}
+
+    def measure(method: str, normalize: str, tile: Any, overlap: Any, align: str | None,
+                stitch: str, segmenter: Any) -> None:
+        t = per_axis(tile, ndim)
+        o = default_overlap if overlap == "default" else per_axis(overlap, ndim)
+        t, o = align_to_grid(t, o, grid, align)
+        row = {"model": name, "method": method, "normalize": normalize, "stitch": stitch,
+               "tile": _fmt(t), "overlap": _fmt(o) + (" (default)" if overlap == "default"
+                                                      else ""),
+               "align": align or "-", "on_grid": on_grid(t, o, grid)}
+        key = (t, o, stitch, normalize)
+        if key not in done:  # alignment can map two settings onto one: measure it once
+            try:
+                labels, seconds = run_tiled(image, segmenter, t, o, stitch, work / "out.zarr")
+                done[key] = {**compare(reference, labels), "seconds": seconds}
+            except Exception as exc:
+                done[key] = {"error": _error_text(exc)}
+        row.update(done[key])
+        rows.append(row)
+        print(f"[{name}] {_line(row)}", file=sys.stderr, flush=True)
+
+    for tile, overlap, align in sweep["settings"]:
+        for stitch in modes:
+            measure("blockbuster", "global", tile, overlap, align, stitch, seg)
+    if sweep["tile_norm"]:
+        per_tile = make_segmenter(name, normalize="tile")
+        per_tile.prepare(open_image(image))
+        for tile, overlap, align in sweep["tile_norm"]:
+            measure("blockbuster", "tile", tile, overlap, align, modes[0], per_tile)
+    # distributed_eval takes a minute to fail (cluster start): try it on one block shape only
+    own = sweep["own"] if name.startswith("stardist") else sweep["own"][:1]
+    for tile, overlap in dict.fromkeys((tuple(per_axis(t, ndim)), tuple(per_axis(o, ndim)))
+                                       for t, o in own):
+        t, o = tile, overlap
+        for row in own_mode(name, seg, image, reference, t, o, grid, work):
+            rows.append(row)
+            print(f"[{name}] {_line(row)}", file=sys.stderr, flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+# -- the tools' own large-image modes -------------------------------------------------------------
+def own_mode(name: str, seg: Any, image: np.ndarray, reference: np.ndarray,
+             tile: tuple[int, ...], overlap: tuple[int, ...], grid: tuple[int, ...],
+             work: Path) -> list[dict[str, Any]]:
+    if name.startswith("stardist"):
+        return [stardist_big(name, seg, image, reference, tile, overlap, grid)]
+    # as released, then with the one-line zarr 3 fix (if the release fails)
+    rows = [cellpose_distributed(name, seg, image, reference, tile, work, patched=False)]
+    if "error" in rows[0]:
+        rows.append(cellpose_distributed(name, seg, image, reference, tile, work, patched=True))
+    return rows
+
+
+def stardist_big(name: str, seg: Any, image: np.ndarray, reference: np.ndarray,
+                 tile: tuple[int, ...],
+                 overlap: tuple[int, ...], grid: tuple[int, ...]) -> dict[str, Any]:
+    """StarDist's ``predict_instances_big`` with blocks of tile + 2 x overlap."""
+    from blockbuster.plugins._normalize import normalize_tile
+
+    def down(v: int, g: int) -> int:
+        return v // g * g
+
+    # StarDist wants blocks no larger than the image (the 3-D volume is 31 planes deep)
+    block = tuple(min(t + 2 * o, down(s, g)) for t, o, s, g in zip(tile, overlap, image.shape,
+                                                                  grid, strict=True))
+    context = tuple(down(o // 2, g) for o, g in zip(overlap, grid, strict=True))
+    min_overlap = tuple(down(o, g) for o, g in zip(overlap, grid, strict=True))
+    row = {"model": name, "method": "StarDist predict_instances_big",
+           "normalize": "global", "stitch": "own", "tile": _fmt(block) + " block",
+           "overlap": f"min {_fmt(min_overlap)}, context {_fmt(context)}", "align": "-"}
+    x = normalize_tile(image, seg.norm, None)
+    model = seg.load_model()
+    axes = "YX" if image.ndim == 2 else "ZYX"
+    start = time.perf_counter()
+    try:
+        labels, _ = model.predict_instances_big(
+            x, axes=axes, block_size=block, min_overlap=min_overlap, context=context,
+            show_progress=False, prob_thresh=seg.prob_thresh, nms_thresh=seg.nms_thresh)
+        row.update(compare(reference, labels), seconds=time.perf_counter() - start)
+    except Exception as exc:
+        row.update(error=_error_text(exc))
+    return row
+
+
+class _Zarr2Open:
+    """``zarr.open(path, mode, ...)`` as zarr 2 took it; zarr 3 takes ``mode`` by keyword only.
+
+    The one change ``distributed_eval`` needs to run on zarr 3 here (its ``zarr.open(path, 'w',
+    shape=..., chunks=..., dtype=...)`` raises a TypeError); the benchmark reports both runs.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        import zarr
+
+        return getattr(zarr, name)
+
+    def open(self, store: Any = None, mode: str | None = None, **kwargs: Any) -> Any:
+        import zarr
+
+        return zarr.open(store=store, mode=mode or "a", **kwargs)
+
+
+def cellpose_distributed(name: str, seg: Any, image: np.ndarray, reference: np.ndarray,
+                         tile: tuple[int, ...], work: Path, patched: bool) -> dict[str, Any]:
+    """Cellpose's ``contrib.distributed_segmentation.distributed_eval`` on a local cluster."""
+    method = "Cellpose distributed_eval" + (" (zarr 3 shim, as 1 x Y x X)" if patched else "")
+    row = {"model": name, "method": method, "normalize": "per block",
+           "stitch": "own", "tile": _fmt(tile) + " block",
+           "overlap": f"{2 * seg.diameter:g} (2 x diameter, fixed)", "align": "-"}
+    cwd = os.getcwd()
+    start = time.perf_counter()
+    try:
+        import zarr
+        from cellpose.contrib import distributed_segmentation as cds
+
+        if patched:
+            cds.zarr = _Zarr2Open()
+        work = Path(tempfile.mkdtemp(dir=work))  # its log folder is named by the second
+        os.chdir(work)  # it writes worker logs and dask scratch into the working directory
+        volume = image if not patched else image[None]  # its stitching works on 3-D arrays only
+        blocks = tile if not patched else (1, *tile)
+        source = zarr.create_array(store=str(work / "in.zarr"), shape=volume.shape,
+                                   chunks=blocks, dtype=image.dtype, overwrite=True)
+        source[:] = volume
+        labels, _ = cds.distributed_eval(
+            source, blocks, str(work / "cp_out.zarr"),
+            model_kwargs={"gpu": False, "pretrained_model": seg.model},
+            # an int diameter: it computes its overlap (2 x diameter) as slice bounds
+            eval_kwargs={"channels": [0, 0], **EVAL[name], "diameter": round(seg.diameter)},
+            cluster_kwargs={"n_workers": 1, "ncpus": 2, "threads_per_worker": 1,
+                            "memory_limit": "4GB"})
+        out = np.asarray(labels[:]).reshape(image.shape)
+        row.update(compare(reference, out), seconds=time.perf_counter() - start)
+    except Exception as exc:
+        row.update(error=_error_text(exc))
+    finally:
+        os.chdir(cwd)
+        if patched and "cds" in locals():
+            cds.zarr = zarr
+    return row
+
+
+def _error_text(exc: BaseException) -> str:
+    """The exception, its first message line and where it was raised (asserts have no text)."""
+    last = traceback.extract_tb(exc.__traceback__)[-1]
+    message = (str(exc).splitlines() or [last.line or ""])[0][:160]
+    return f"{type(exc).__name__}: {message} (at {Path(last.filename).name}:{last.lineno})"
+
+
+# -- the parent ------------------------------------------------------------------------------------
+def _fmt(value: Sequence[int]) -> str:
+    values = list(value)
+    return str(values[0]) if len(set(values)) == 1 else "(" + ", ".join(map(str, values)) + ")"
+
+
+def _line(row: dict[str, Any]) -> str:
+    head = f"{row['method']} {row.get('normalize', '')} {row.get('stitch', '')} " \
+           f"tile {row['tile']} overlap {row['overlap']} align {row.get('align', '-')}"
+    if "error" in row:
+        return f"{head}: {row['error']}"
+    return (f"{head}: F1 {row['f1']:.3f}, fused {row['fused']}, split {row['split']}, "
+            f"1:1 voxels {100 * row['voxels_one_to_one']:.2f} %, {row['seconds']:.1f} s")
+
+
+def run_model(name: str, sweep: dict[str, Any], stitch: list[str], overlay: Path
+              ) -> list[dict[str, Any]]:
+    env = dict(os.environ)
+    paths = [str(ROOT / "src")]
+    if name == "cellpose3":
+        paths.insert(0, str(overlay))
+    env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    params = {"model": name, "sweep": sweep, "stitch": stitch}
+    cmd = [sys.executable, __file__, "--child", json.dumps(params)]
+    proc = subprocess.run(cmd, check=False, stdout=subprocess.PIPE, stderr=None, text=True,
+                          env=env, cwd=ROOT, timeout=3600)
+    if proc.returncode != 0:
+        return [{"model": name, "method": "(child failed)", "tile": "-", "overlap": "-",
+                 "error": f"exit code {proc.returncode}"}]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+COLUMNS = [("model", "model"), ("method", "method"), ("normalize", "normalise"),
+           ("stitch", "stitch"), ("tile", "tile"), ("overlap", "overlap"), ("align", "align"),
+           ("on_grid", "on grid"), ("f1", "F1"), ("fused", "fused"), ("split", "split"),
+           ("pct_one_to_one", "1:1 voxels %"), ("n_out", "objects"), ("seconds", "s"),
+           ("error", "note")]
+
+
+def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "--child":
+        WORK.mkdir(parents=True, exist_ok=True)
+        rows = child(json.loads(sys.argv[2]))
+        print(json.dumps(rows, default=lambda v: v.item() if isinstance(v, np.generic) else str(v)))
+        return
+
+    def extra(parser: Any) -> None:
+        parser.add_argument("--models", default=",".join(MODELS),
+                            help="comma-separated, of " + ", ".join(MODELS))
+        parser.add_argument("--stitch", default="iou",
+                            help="comma-separated stitch modes to sweep (default: iou)")
+        parser.add_argument("--cellpose3-overlay", type=Path, default=DEFAULT_OVERLAY,
+                            help="folder holding Cellpose 3, put first on PYTHONPATH")
+
+    args = parse_args(__doc__.split("\n")[0], extra)
+    stitch = [m.strip() for m in args.stitch.split(",") if m.strip()]
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    rows: list[dict[str, Any]] = []
+    models: dict[str, Any] = {}
+    for name in names:
+        if not up_to_date(name):
+            print(f"{name}: no trained model with the current settings; run "
+                  f"benchmarks/train_models.py {name} first", file=sys.stderr)
+            continue
+        manifest = read_manifest(name)
+        models[name] = {k: manifest[k] for k in ("train_seconds", "quality", "config")}
+        sweep = (QUICK_3D if args.quick else SWEEP_3D) if name == "stardist3d" else \
+            (QUICK_2D if args.quick else SWEEP_2D)
+        start = time.perf_counter()
+        rows += run_model(name, sweep, stitch, args.cellpose3_overlay)
+        print(f"{name}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    table_rows = [_cells(row) for row in rows]
+    declared = {r["model"]: r for r in rows if "grid" in r}
+    quality = [{"model": n, "train_s": f"{m['train_seconds']:.0f}",
+                "grid": declared.get(n, {}).get("grid", "-"),
+                "overlap": declared.get(n, {}).get("preferred_overlap", "-"),
+                "f1_gt": f"{m['quality']['all']['f1']:.3f}",
+                "f1_held_out": (f"{m['quality']['held_out_rows']['f1']:.3f}"
+                                if "held_out_rows" in m["quality"] else "-"),
+                "objects": m["quality"]["all"]["n_ref"],
+                "config": ", ".join(f"{k} {_short(v)}" for k, v in m["config"].items()
+                                    if k != "thresholds")}
+               for n, m in models.items()]
+    tables = {
+        "Models (trained by train_models.py; F1 at IoU 0.5 against the ground-truth mask):":
+            format_table(quality, [("model", "model"), ("train_s", "training s"),
+                                   ("f1_gt", "F1 vs ground truth"),
+                                   ("f1_held_out", "F1 held-out rows"),
+                                   ("objects", "GT objects"), ("grid", "declared grid"),
+                                   ("overlap", "preferred overlap"), ("config", "config")]),
+        "Tiled vs whole-image prediction of the same model:": format_table(table_rows, COLUMNS),
+    }
+    report("bench_fidelity", "Seam fidelity with learned models", tables, verdicts(rows),
+           {"models": models, "rows": rows, "stitch": stitch},
+           command_line(__file__, args.quick, *(["--stitch", args.stitch]
+                                                if args.stitch != "iou" else [])))
+
+
+def _short(value: Any) -> str:
+    """Floats (also inside lists) to 3 significant digits, for the models table."""
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, (list, tuple)):
+        return "(" + ", ".join(_short(v) for v in value) + ")"
+    return str(value)
+
+
+def _cells(row: dict[str, Any]) -> dict[str, Any]:
+    """A row with its figures as fixed-precision text (F1 to 3 decimals, voxels to 2)."""
+    out = dict(row)
+    if "f1" in row:
+        out["f1"] = f"{row['f1']:.3f}"
+    if "voxels_one_to_one" in row:
+        out["pct_one_to_one"] = f"{100 * row['voxels_one_to_one']:.2f}"
+    if "seconds" in row:
+        out["seconds"] = f"{row['seconds']:.1f}"
+    return out
+
+
+def verdicts(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per model: the worst blockbuster setting, on and off the grid."""
+    out = []
+    for name in sorted({r["model"] for r in rows}):
+        mine = [r for r in rows if r["model"] == name and r.get("method") == "blockbuster"
+                and r.get("normalize") == "global" and "f1" in r]
+        for flag, label in ((True, "on the grid"), (False, "off the grid")):
+            sel = [r for r in mine if r.get("on_grid") is flag]
+            if sel:
+                worst = min(sel, key=lambda r: (r["f1"], r["voxels_one_to_one"]))
+                out.append(f"{name}, tiles {label}: worst F1 {worst['f1']:.3f}, worst 1:1 voxels "
+                           f"{100 * min(r['voxels_one_to_one'] for r in sel):.2f} % "
+                           f"({len(sel)} settings)")
+    return out
+
+
+if __name__ == "__main__":
+    main()
