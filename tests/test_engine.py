@@ -294,3 +294,37 @@ def test_configuration_errors_from_fn_are_not_retried_or_buried(blobs2d):
     with pytest.raises(blockbuster.NoGPUError, match="no CUDA device"):
         tile_process(blobs2d, needs_gpu, (50, 50), retries=3)
     assert calls == [1]
+
+
+class GridLabeller:
+    """A 'network' on a 16-voxel grid (2-D)."""
+
+    grid = 16
+    preferred_overlap = 24
+
+    def __call__(self, tile: np.ndarray) -> np.ndarray:
+        from scipy import ndimage
+
+        return ndimage.label(tile > 0)[0]
+
+
+def test_tiles_and_overlaps_are_put_on_the_segmenters_grid(tmp_path, blobs2d, caplog):
+    """Read regions start on the network's grid: tile 129 -> 128, overlap 24 -> 32, and a halo
+    clipped by a small tile stays a multiple of the grid."""
+    from blockbuster.plan import make_plan
+    from blockbuster.segmenter import describe_segmenter
+
+    fn = GridLabeller()
+    source = blockbuster.open_image(np.zeros((300, 300), np.uint8))
+    with caplog.at_level("INFO", logger="blockbuster"):
+        plan = make_plan(source, fn, describe_segmenter(fn), tile_shape=(129, 129))
+    assert plan.grid.tile_shape == (128, 128) and plan.grid.depth == (32, 32)
+    assert "rounded" in caplog.text  # the user's tile shape changed: the log says so
+    starts = {t.padded[a].start % 16 for t in plan.grid for a in range(2)}
+    assert starts == {0}
+    with pytest.warns(UserWarning, match="reduced to"):
+        small = make_plan(source, fn, describe_segmenter(fn), tile_shape=(40, 40))
+    assert small.grid.tile_shape == (32, 32) and small.grid.depth == (16, 16)  # 32 - 16
+    auto = make_plan(source, fn, describe_segmenter(fn), tile_shape="auto", memory=2 * 2**20)
+    assert all(t % 16 == 0 or t == 300 for t in auto.grid.tile_shape)
+    assert plan.summary()["network_grid"] == [16, 16]

@@ -22,7 +22,7 @@ import numpy as np
 
 from .errors import InputError
 from .io import ImageSource
-from .segmenter import SegmenterInfo, fn_name
+from .segmenter import SegmenterInfo, fn_name, grid_per_axis
 from .stitching import STITCH_MODES, Stitcher, check_mode, make_stitcher
 from .tiling import TileGrid, clip_depth, normalize_overlap
 
@@ -150,6 +150,8 @@ class RunPlan:
             "n_tiles": grid.n_tiles,
             "overlap": list(grid.depth),
             "stitch": self.stitch.mode,
+            "network_grid": list(grid_per_axis(self.segmenter.grid,
+                                               len(self.source.spatial_shape))),
             "predicted_peak_bytes": self.predicted_peak_bytes(),
             "sizing": self.sizing_note,
         }
@@ -213,14 +215,19 @@ def make_plan(
     ndim = len(source.spatial_shape)
     overlap_t = normalize_overlap(info.preferred_overlap or 0 if overlap is None else overlap,
                                   ndim)
+    step = grid_per_axis(info.grid, ndim)
+    overlap_t = _overlap_on_grid(overlap_t, step)
     note = None
     if tile_chunks is None:
         spatial_chunks, note = _tile_chunks(tile_shape, source, overlap_t, info, use_gpu, memory)
-        grid = _grid(source, spatial_chunks, overlap_t)
+        spatial_chunks = _tiles_on_grid(spatial_chunks, step, source.spatial_shape,
+                                        explicit=not (isinstance(tile_shape, str)
+                                                      or callable(tile_shape)))
+        grid = _grid(source, spatial_chunks, overlap_t, step)
     else:
         log.info("resuming with the run's tile shape (tile_shape=%r is not sized again)",
                  tile_shape)
-        grid = _grid(source, _spatial_part(source, tile_chunks), overlap_t)
+        grid = _grid(source, _spatial_part(source, tile_chunks), overlap_t, step)
     mode = _stitch_mode(stitch.mode, info, grid)
     check_mode(mode, grid.depth, stitch.connectivity, len(grid.linked_axes))
     resolved = StitchOptions(mode, float(stitch.iou_threshold), stitch.connectivity)
@@ -264,11 +271,40 @@ def _tile_chunks(tile_shape: Any, source: ImageSource, overlap: tuple[int, ...],
     return sizing.validate_tile_shape(tile_shape, spatial), None
 
 
-def _grid(source: ImageSource, spatial_chunks: Any, overlap: tuple[int, ...]) -> TileGrid:
+def _overlap_on_grid(overlap: tuple[int, ...], step: tuple[int, ...]) -> tuple[int, ...]:
+    """The overlap rounded up to whole steps of the segmenter's grid, with a logged note."""
+    rounded = tuple(-(-o // s) * s for o, s in zip(overlap, step, strict=True))
+    if rounded != overlap:
+        log.info("overlap %s rounded up to %s: the segmenter's network works on a grid of %s "
+                 "voxels, and tiles only see the image as the whole image does when they start "
+                 "on it", overlap, rounded, step)
+    return rounded
+
+
+def _tiles_on_grid(chunks: Any, step: tuple[int, ...], shape: tuple[int, ...], *,
+                   explicit: bool) -> Any:
+    """Tile shapes rounded to whole steps of the segmenter's grid (so tiles start on it).
+
+    A regular tile shape is rounded down (to at least one step; the image edge stays where it
+    is); a tile shape the user gave is rounded too, with a note in the log.
+    """
+    if all(s == 1 for s in step) or not all(isinstance(c, (int, np.integer)) for c in chunks):
+        return chunks  # nothing declared, or irregular (dask) chunks kept as given
+    rounded = tuple(min(n, max(s, c // s * s)) for c, s, n in zip(chunks, step, shape,
+                                                                   strict=True))
+    if rounded != tuple(chunks):
+        (log.info if explicit else log.debug)(
+            "tile shape %s rounded to %s: the segmenter's network works on a grid of %s voxels "
+            "and tiles must start on it", tuple(chunks), rounded, step)
+    return rounded
+
+
+def _grid(source: ImageSource, spatial_chunks: Any, overlap: tuple[int, ...],
+          step: tuple[int, ...] | None = None) -> TileGrid:
     """The grid over the image's tiled axes: space as planned, time one point per tile."""
     spatial = source.spatial_shape
     grid = TileGrid(spatial, spatial_chunks)
-    depth = clip_depth(overlap, grid.chunks)
+    depth = clip_depth(overlap, grid.chunks, step)
     clipped = [ax for ax, (o, d) in enumerate(zip(overlap, depth, strict=True))
                if d < o and len(grid.chunks[ax]) > 1]
     surprising = [ax for ax in clipped if grid.tile_shape[ax] > 1]

@@ -74,21 +74,27 @@ def normalize_overlap(overlap: int | Sequence[int] | None, ndim: int) -> tuple[i
     return values
 
 
-def clip_depth(overlap: tuple[int, ...], chunks: tuple[tuple[int, ...], ...]) -> tuple[int, ...]:
+def clip_depth(overlap: tuple[int, ...], chunks: tuple[tuple[int, ...], ...],
+               grid: tuple[int, ...] | None = None) -> tuple[int, ...]:
     """Clip the overlap per axis so the halo is always smaller than the tiles it reaches into.
 
     Only the last tile along an axis may be smaller than the others, and nothing lies beyond it,
-    so the limit is the smallest of the other tiles (minus one). A z-tile of 1 gets depth 0.
+    so the limit is the smallest of the other tiles, less one voxel, or less one step of the
+    segmenter's ``grid`` (a halo clipped to a multiple of the grid keeps every read region on
+    it). A z-tile of 1 gets depth 0.
 
     Examples
     --------
     >>> clip_depth((20, 20, 20), ((1, 1, 1), (64, 64, 10), (300,)))
     (0, 20, 20)
+    >>> clip_depth((16, 32, 32), ((16, 15), (32, 29), (32, 25)), grid=(4, 8, 8))
+    (12, 24, 24)
     """
+    steps = grid or (1,) * len(overlap)
     depth = []
-    for o, sizes in zip(overlap, chunks, strict=True):
+    for o, sizes, step in zip(overlap, chunks, steps, strict=True):
         limit = min(sizes[:-1]) if len(sizes) > 1 else sizes[0]
-        depth.append(max(0, min(o, limit - 1)))
+        depth.append(max(0, min(o, limit - step)))
     return tuple(depth)
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..io import open_image
-from ..segmenter import MemoryModel, Segmenter, describe_segmenter
+from ..segmenter import MemoryModel, Segmenter, describe_segmenter, grid_per_axis
 
 __all__ = [
     "ConformanceFailure",
@@ -330,11 +330,14 @@ def check_tile_process(seg: Callable, image: np.ndarray, *, channel_axis: int | 
         if getattr(seg, "spatial_ndim", None) == 2 and len(spatial) == 3:
             tile_shape = (1, *tile_shape[1:])
     if overlap is None:
-        preferred = describe_segmenter(seg).preferred_overlap or 0
+        info = describe_segmenter(seg)
+        preferred = info.preferred_overlap or 0
         if not isinstance(preferred, tuple):
             preferred = (preferred,) * len(spatial)
-        # The halo must stay smaller than the tile; a plane-thin tile gets none.
-        overlap = tuple(min(int(p), t - 1) for p, t in zip(preferred, tile_shape, strict=True))
+        step = grid_per_axis(info.grid, len(spatial))
+        # The halo must stay smaller than the tile (by a grid step); a plane-thin tile gets none.
+        overlap = tuple(max(0, min(int(p), (t - 1) // g * g))
+                        for p, t, g in zip(preferred, tile_shape, step, strict=True))
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         out = tile_process(image, seg, tile_shape=tuple(tile_shape), overlap=overlap,
                            output=Path(tmp) / "labels.zarr", channel_axis=channel_axis,
