@@ -166,7 +166,7 @@ def test_bad_arguments_are_input_errors(make, kwargs: dict, message: str) -> Non
 
 
 def test_declared_attributes(make) -> None:
-    from blockbuster.sizing import cellpose_memory_model
+    from blockbuster.plugins.cellpose import cellpose_memory_model
 
     seg = make(diameter=17)
     assert seg.preferred_overlap == 17 and seg.preferred_stitch == "iou"

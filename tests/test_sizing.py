@@ -20,15 +20,17 @@ from hypothesis import strategies as st
 
 from blockbuster import sizing
 from blockbuster.errors import BlockbusterError, InputError, NoGPUError, TileSizeError
+from blockbuster.plugins.cellpose import (
+    CELLPOSE_MEMORY_MODEL,
+    auto_tile_shape_cellpose,
+    cellpose_memory_model,
+)
 from blockbuster.segmenter import MemoryModel
 from blockbuster.sizing import (
-    CELLPOSE_MEMORY_MODEL,
     ENGINE_BYTES_PER_VOXEL,
     MemoryProbe,
     auto_tile_shape,
-    auto_tile_shape_cellpose,
     available_memory,
-    cellpose_memory_model,
     format_bytes,
     padded_shape,
     plan_tile_shape,

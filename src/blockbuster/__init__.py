@@ -35,10 +35,11 @@ if TYPE_CHECKING:
     from .api import stitch_tiles, tile_process
     from .io import ImageSource, open_image
     from .measurements import MeasurementReducer, measure, tile_measurements
+    from .plugins.cellpose import auto_tile_shape_cellpose
     from .postprocess import expand_labels, fill_holes, filter_by_size, upsample_labels
     from .relations import Relations, relate
     from .segmenter import MemoryModel, Segmenter
-    from .sizing import auto_tile_shape, auto_tile_shape_cellpose, plan_tile_shape
+    from .sizing import auto_tile_shape, plan_tile_shape
     from .status import open_labels, output_status
     from .table import read_object_table, write_table
     from .tiling import TileGrid
@@ -64,7 +65,7 @@ _LAZY = {
     "MemoryModel": "segmenter",
     "Segmenter": "segmenter",
     "auto_tile_shape": "sizing",
-    "auto_tile_shape_cellpose": "sizing",
+    "auto_tile_shape_cellpose": "plugins.cellpose",
     "plan_tile_shape": "sizing",
     "read_object_table": "table",
     "write_table": "table",

@@ -32,14 +32,11 @@ from .errors import InputError, NoGPUError, TileSizeError
 from .segmenter import DEFAULT_MEMORY_MODEL, MemoryModel, fn_name
 
 __all__ = [
-    "CELLPOSE_MEMORY_MODEL",
     "ENGINE_BYTES_PER_VOXEL",
     "MemoryProbe",
     "TileShapePlan",
     "auto_tile_shape",
-    "auto_tile_shape_cellpose",
     "available_memory",
-    "cellpose_memory_model",
     "format_bytes",
     "padded_shape",
     "plan_tile_shape",
@@ -63,12 +60,6 @@ MIN_CORE_EDGE = 8
 
 #: Rounding to the storage chunk grid may cost at most this fraction of the tile volume.
 CHUNK_ROUNDING_MAX_LOSS = 0.25
-
-#: Cellpose's rule of thumb: working memory of about 20 x the raw input bytes, plus the model.
-CELLPOSE_BYTES_PER_INPUT_BYTE = 20.0
-CELLPOSE_MODEL_BYTES = 2 * 1024**3
-#: Cellpose rescales every image by ``CELLPOSE_REFERENCE_DIAMETER / diameter`` per axis.
-CELLPOSE_REFERENCE_DIAMETER = 30.0
 
 # cgroup v1 reports "no limit" as a page-aligned 2**63 - 1; anything this large is no limit.
 _CGROUP_NO_LIMIT = 2**60
@@ -876,120 +867,6 @@ def auto_tile_shape(
         chunks=chunks,
         spatial_ndim=spatial_ndim,
     ).shape
-
-
-# -- Cellpose --------------------------------------------------------------------------------
-
-
-def cellpose_memory_model(diameter: float, ndim: int) -> MemoryModel:
-    """Cellpose's memory: about 20 x the raw input bytes, rescaled, plus 2 GiB for the model.
-
-    Cellpose resamples the image by ``30 / diameter`` on each of the ``ndim`` axes it works in,
-    so its working memory scales with ``(30 / diameter) ** ndim``.
-
-    Parameters
-    ----------
-    diameter : float
-        Expected object diameter in voxels, as passed to Cellpose.
-    ndim : int
-        2 for Cellpose's 2-D mode (also on a 3-D stack), 3 for ``do_3D=True``.
-
-    Returns
-    -------
-    MemoryModel
-
-    Examples
-    --------
-    >>> m = cellpose_memory_model(15, 2)
-    >>> m.scale, m.per_voxel_bytes(2)
-    (4.0, 160.0)
-    """
-    if isinstance(diameter, bool) or not isinstance(diameter, (int, float, np.number)):
-        raise InputError(f"diameter={diameter!r} must be a positive number of voxels")
-    if not (diameter > 0 and math.isfinite(diameter)):
-        raise InputError(f"diameter={diameter!r} must be a positive number of voxels")
-    if not _is_int(ndim) or ndim < 1:
-        raise InputError(f"ndim={ndim!r} must be a positive int")
-    return MemoryModel(
-        bytes_per_input_byte=CELLPOSE_BYTES_PER_INPUT_BYTE,
-        bytes_per_voxel=0.0,
-        fixed_bytes=CELLPOSE_MODEL_BYTES,
-        scale=(CELLPOSE_REFERENCE_DIAMETER / float(diameter)) ** int(ndim),
-    )
-
-
-#: Cellpose at its reference diameter of 30 (no rescaling), in 2-D or 3-D alike.
-CELLPOSE_MEMORY_MODEL: MemoryModel = cellpose_memory_model(CELLPOSE_REFERENCE_DIAMETER, 2)
-
-
-def auto_tile_shape_cellpose(
-    shape: tuple[int, ...],
-    dtype: Any,
-    diameter: float = 30,
-    use_gpu: bool = False,
-    *,
-    do_3D: bool = False,
-    overlap: int | tuple[int, ...] | None = None,
-    channels: int = 1,
-    memory: float | None = None,
-    chunks: tuple[int, ...] | None = None,
-) -> tuple[int, ...]:
-    """Tile shape for Cellpose, for ``tile_shape=functools.partial(auto_tile_shape_cellpose, ...)``.
-
-    Uses :func:`cellpose_memory_model`. 2-D Cellpose (``do_3D=False``) on a 3-D stack gets
-    tiles one z-slice deep; ``do_3D=True`` sizes the last three axes.
-
-    Parameters
-    ----------
-    shape : tuple of int
-        Spatial image shape (no channel axis), as the engine passes it.
-    dtype : numpy dtype-like
-        Input dtype.
-    diameter : float
-        Cellpose's ``diameter`` in voxels.
-    use_gpu : bool
-        Size from free GPU memory.
-    do_3D : bool
-        Cellpose's 3-D mode.
-    overlap : int or tuple of int, optional
-        Halo; default the diameter rounded up, the context Cellpose needs at a tile border.
-    channels : int
-        Channels per tile.
-    memory : int or float, optional
-        Budget in bytes, overriding the probe.
-    chunks : tuple of int, optional
-        Spatial storage chunk shape, for aligned reads.
-
-    Returns
-    -------
-    tuple of int
-
-    Examples
-    --------
-    >>> import functools
-    >>> tile_fn = functools.partial(auto_tile_shape_cellpose, diameter=30, memory=4 * 1024**3)
-    >>> tile_fn((40, 6000, 6000), "uint16")
-    (1, 5644, 5644)
-    """
-    ndim = 3 if do_3D else 2
-    if len(shape) < ndim:
-        raise InputError(
-            f"Cellpose with do_3D={do_3D} needs at least {ndim} spatial axes, got shape {shape!r}"
-        )
-    model = cellpose_memory_model(diameter, ndim)
-    if overlap is None:
-        overlap = math.ceil(diameter)
-    return auto_tile_shape(
-        shape,
-        dtype,
-        overlap=overlap,
-        use_gpu=use_gpu,
-        memory=memory,
-        memory_model=model,
-        channels=channels,
-        chunks=chunks,
-        spatial_ndim=ndim,
-    )
 
 
 # -- validation ------------------------------------------------------------------------------
