@@ -21,7 +21,7 @@ from .engine.run import check_locations, execute, manifest_for, prepare_work
 from .engine.state import WorkDir
 from .errors import InputError, OutputExistsError
 from .io import ImageSource, open_image
-from .output import OutputTarget, completion, resolve_output
+from .output import WORK_SUFFIX, OutputTarget, completion, resolve_output
 from .plan import StitchOptions, make_plan, parse_memory
 from .segmenter import MemoryModel, Segmenter, describe_segmenter
 
@@ -290,8 +290,8 @@ def _table_path(table: Any, target: OutputTarget) -> Path | None:
         base = target.ome_image.with_name(f"{target.ome_image.name}.{target.ome_name}")
     elif target.path is not None:
         base = target.path
-    else:
-        base = target.work_path.parent / "labels"
+    else:  # a store or URL: next to the work directory, on this machine
+        base = target.work_path.with_name(target.work_path.name.removesuffix(WORK_SUFFIX))
     return base.with_name(base.name + ".objects.csv")
 
 

@@ -76,6 +76,8 @@ class OutputTarget:
     axes: tuple[Any, ...] | None = None
     #: the resolution level of ``ome_image`` the labels were made at (0: full resolution)
     ome_level: int = 0
+    #: the output's URL, for a remote output (``s3://...``) written through fsspec
+    url: str | None = None
 
     @property
     def is_ome(self) -> bool:
@@ -277,7 +279,9 @@ class OutputTarget:
         # a store given by the caller is replaced by create(overwrite=True) instead
 
     def describe(self) -> str:
-        return str(self.path) if self.path is not None else repr(self.store)
+        if self.path is not None:
+            return str(self.path)
+        return self.url or repr(self.store)
 
 
 def output_lock_path(path: Path) -> Path:
@@ -352,6 +356,12 @@ def _resolve_output(output: Any, source: ImageSource, work_dir: Any, ome: bool |
         group = image / "labels" / label_name
         work = Path(work_dir) if work_dir else ome_work_dir(image, label_name)
         return OutputTarget(group, None, work, ome_name=label_name, ome_image=image)
+    if isinstance(output, str) and "://" in output and not output.startswith("file://"):
+        return _remote_output(output, work_dir, ome)
+    if isinstance(output, str) and output.startswith("file://"):
+        from urllib.parse import unquote, urlparse
+
+        output = Path(unquote(urlparse(output).path))
     if output is None and source.path is None and source.url is not None:
         raise InputError(f"the input {source.url} is remote: give an $output path on this "
                          "machine (the work directory stays next to it)")
@@ -379,6 +389,28 @@ def _resolve_output(output: Any, source: ImageSource, work_dir: Any, ome: bool |
         raise InputError("ome=True needs an output path (or an OME-Zarr input), not a store")
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="blockbuster-work-"))
     return OutputTarget(None, output, work)
+
+
+def _remote_output(url: str, work_dir: Any, ome: bool | None) -> OutputTarget:
+    """A zarr array at a URL (``s3://bucket/labels.zarr``), written through fsspec.
+
+    The work directory stays on this machine: ``work_dir``, else
+    ``./<name>.blockbuster-work`` in the current directory (the same on a resume from there).
+    A remote output is not locked (object stores have no locks): do not start two runs on it.
+    """
+    if ome:
+        raise InputError(f"output {url}: OME-Zarr label images are written to local paths; "
+                         "write a plain zarr array to the URL (ome=False), or write locally "
+                         "and copy")
+    try:
+        store = zarr.storage.FsspecStore.from_url(url)
+    except ImportError as exc:
+        protocol = url.split("://", 1)[0]
+        raise InputError(f"writing to {url} needs the fsspec filesystem for {protocol}:// "
+                         f"({exc}); for S3: pip install \"blockbuster[s3]\"") from exc
+    name = url.rstrip("/").rsplit("/", 1)[-1] or "labels"
+    work = Path(work_dir) if work_dir else Path.cwd() / f"{name}{WORK_SUFFIX}"
+    return OutputTarget(None, store, work, url=url)
 
 
 def _is_label_slot(path: Path, image: Path | None) -> bool:
