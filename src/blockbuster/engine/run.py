@@ -29,6 +29,7 @@ from ..output import (
     FORMAT_VERSION,
     LabelView,
     OutputTarget,
+    check_parent_is_folder,
     completion,
     label_chunks,
     mark_complete,
@@ -61,6 +62,8 @@ def manifest_for(plan: RunPlan, target: OutputTarget) -> dict[str, Any]:
 # -- 1. fresh, resumed, or refused ------------------------------------------------------------
 def check_locations(target: OutputTarget, work: WorkDir, inputs: list[Path | None]) -> None:
     """Refuse, before anything is written, an output or work directory that is not safe."""
+    if target.path is not None:
+        check_parent_is_folder(target.path, "output")
     work.check_usable()
     # A run's own unfinished output may have lost its metadata (deleted during the run, then
     # partly written again); its work directory names it, which proves it is ours to replace.

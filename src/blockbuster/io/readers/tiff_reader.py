@@ -93,6 +93,9 @@ class TiffReader(Reader):
 
 def _metadata(tif: Any, series: int, level: int, location: Location
               ) -> tuple[ImageMetadata, tuple[int, ...]]:
+    if not tif.series:
+        raise InputError(f"TIFF {location.text} holds no image (no series): is it damaged or "
+                         "cut short?")
     if not 0 <= series < len(tif.series):
         raise InputError(f"series={series}: {location.text} holds {len(tif.series)} series "
                          f"(0..{len(tif.series) - 1})")
