@@ -24,7 +24,7 @@ def tiled_masks(draw, ndim):
     seed = draw(st.integers(0, 2**31 - 1))
     mask = np.random.default_rng(seed).random(shape) < fill
     tile_shape = tuple(draw(st.integers(1, s)) for s in shape)
-    overlap = tuple(draw(st.integers(0, 4)) for _ in range(ndim))
+    overlap = tuple(draw(st.integers(0, min(4, s))) for s in shape)  # never beyond the image
     connectivity = draw(st.integers(1, ndim))
     return mask, tile_shape, overlap, connectivity
 

@@ -252,7 +252,12 @@ def stitch_tiles(
 # -- helpers ----------------------------------------------------------------------------------
 def _active_client(client: Any) -> Any:
     """The given client; ``client="active"`` picks the current distributed client."""
+    if client is None:
+        return None
     if not isinstance(client, str):
+        if not _is_client(client):
+            raise InputError(f"client={client!r}: pass a distributed.Client, 'active', or a "
+                             "concurrent.futures.Executor")
         return client
     if client != "active":
         raise InputError(f"client={client!r}: pass a distributed.Client, 'active', or a "
@@ -260,6 +265,19 @@ def _active_client(client: Any) -> Any:
     from distributed import get_client
 
     return get_client()
+
+
+def _is_client(client: Any) -> bool:
+    """Whether ``client`` can run tiles: an executor of ours or of concurrent.futures, or a
+    dask.distributed client (checked by name: distributed is imported only when used)."""
+    from concurrent.futures import Executor as FuturesExecutor
+
+    from .engine.executors import Executor
+
+    if isinstance(client, (Executor, FuturesExecutor)):
+        return True
+    return any(cls.__module__.split(".")[0] == "distributed" and cls.__name__ == "Client"
+               for cls in type(client).__mro__)
 
 
 def _resolve_fn(fn: Any, channel_axis: int | None) -> Callable[[np.ndarray], Any]:
@@ -276,14 +294,28 @@ def _resolve_fn(fn: Any, channel_axis: int | None) -> Callable[[np.ndarray], Any
 
 
 def _open_mask(mask: Any) -> ImageSource | None:
-    return None if mask is None else open_image(mask)
+    """The mask, which must be a non-empty boolean or integer image (0 = no tissue)."""
+    if mask is None:
+        return None
+    try:
+        source = open_image(mask)
+    except InputError as exc:
+        raise type(exc)(f"mask=: {exc}") from exc
+    if not (source.dtype == bool or np.issubdtype(source.dtype, np.integer)):
+        raise InputError(f"mask= must be boolean or integer (0 = no tissue), not "
+                         f"{source.dtype}; threshold it first, e.g. mask=probability > 0.5")
+    return source
 
 
 def _table_path(table: Any, target: OutputTarget) -> Path | None:
     if table is False or table is None:
         return None
     if isinstance(table, (str, Path)):
-        return Path(table)
+        path = Path(table)
+        if path.suffix.lower() not in (".csv", ".parquet"):
+            raise InputError(f"table={str(table)!r}: the object table is written as .csv or "
+                             ".parquet; give a path ending in one of them")
+        return path
     if table is not True:
         raise InputError(f"table={table!r}: pass True, or a path ending in .csv or .parquet")
     if target.is_ome and not target.ome_standalone and target.ome_image is not None:

@@ -10,6 +10,9 @@ interface speaks its own language without rewriting the other's messages.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
 from string import Template
 
 __all__ = [
@@ -18,9 +21,11 @@ __all__ = [
     "ClusterError",
     "IncompleteOutputError",
     "InputError",
+    "InputReadError",
     "NoGPUError",
     "OutputExistsError",
     "OutputLockedError",
+    "OutputWriteError",
     "PluginNotInstalledError",
     "ResumeMismatchError",
     "TileError",
@@ -28,6 +33,7 @@ __all__ = [
     "TileSizeError",
     "WorkDirError",
     "render_message",
+    "writing",
 ]
 
 #: How messages name an option: ``$name`` -> (in Python, on the command line).
@@ -77,6 +83,75 @@ class BlockbusterError(Exception):
 
 class InputError(BlockbusterError, ValueError):
     """The input image or an argument is unusable."""
+
+
+class InputReadError(InputError):
+    """Part of the input cannot be read: a corrupt or missing chunk, a truncated file, a server
+    that stopped answering. The message names the file, the region and, where the format has
+    them, the chunk.
+
+    Raised before any tile runs (a segmenter's global statistics read a sample of the image), it
+    fails the run like any bad input; met by a tile, it fails that tile only: the other tiles
+    are kept, and a resume (after the input is repaired) redoes it.
+    """
+
+
+class OutputWriteError(BlockbusterError, OSError):
+    """Writing the output, the object table, the work directory or a lock failed (disk full,
+    quota, read-only file system...). The run failed; the message names the path.
+
+    ``errno`` is the operating system's error number (``errno.ENOSPC`` for a full disk) and
+    ``path`` the file or folder that could not be written.
+    """
+
+    def __init__(self, message: str, *, path: str | Path | None = None,
+                 errno: int | None = None):
+        super().__init__(message)
+        self.errno = errno
+        self.path = None if path is None else str(path)
+
+    def __reduce__(self):  # pickles (dask sends it back from workers) with its attributes
+        return (_rebuild_write_error, (self.args[0], self.path, self.errno))
+
+
+def _rebuild_write_error(message: str, path: str | None, errno: int | None) -> OutputWriteError:
+    return OutputWriteError(message, path=path, errno=errno)
+
+
+@contextlib.contextmanager
+def writing(what: str, path: str | Path | None) -> Iterator[None]:
+    """Turn an :class:`OSError` raised while writing ``what`` at ``path`` into an
+    :class:`OutputWriteError` that names the path.
+
+    Examples
+    --------
+    >>> import errno
+    >>> with writing("the output", "/data/out.zarr"):
+    ...     raise OSError(errno.ENOSPC, "No space left on device")
+    Traceback (most recent call last):
+    blockbuster.errors.OutputWriteError: cannot write the output /data/out.zarr: No space left \
+on device (errno 28 ENOSPC); free space or choose another location, then rerun with resume=True
+    """
+    try:
+        yield
+    except OutputWriteError:
+        raise
+    except OSError as exc:
+        raise write_error(exc, what, path) from exc
+
+
+def write_error(exc: OSError, what: str, path: str | Path | None) -> OutputWriteError:
+    """The :class:`OutputWriteError` for ``exc``, raised while writing ``what`` at ``path``."""
+    import errno as errnos
+
+    name = errnos.errorcode.get(exc.errno or 0)
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    where = path if path is not None else exc.filename
+    code = f" (errno {exc.errno} {name})" if name else ""
+    filename = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(where) else ""
+    return OutputWriteError(
+        f"cannot write {what} {where}{filename}: {reason}{code}; free space or choose another "
+        "location, then rerun with $resume", path=where, errno=exc.errno)
 
 
 class OutputExistsError(BlockbusterError, FileExistsError):

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import OutputLockedError
+from .errors import OutputLockedError, writing
 
 __all__ = ["RunLock", "holder_of"]
 
@@ -39,10 +39,14 @@ class RunLock:
         return self._file is not None
 
     def acquire(self) -> None:
-        import fcntl
-
         if self.held:
             return
+        with writing("the lock", self.path):
+            self._acquire()
+
+    def _acquire(self) -> None:
+        import fcntl
+
         if not self.path.parent.exists():
             self.path.parent.mkdir(parents=True)
             self._made_parent = True
@@ -64,18 +68,23 @@ class RunLock:
             if same:
                 break
             f.close()  # the holder released and deleted it meanwhile: lock the new file
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}")
-        f.flush()
         self._file = f
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}")
+            f.flush()
+        except OSError:  # no room even for the holder's name: nothing can be written
+            self.release()
+            raise
 
     def release(self) -> None:
         if self._file is None:
             return
         self.path.unlink(missing_ok=True)  # while still holding it (see the class docstring)
-        self._file.close()
-        self._file = None
+        f, self._file = self._file, None
+        with contextlib.suppress(OSError):  # the holder's name may not fit on a full disk
+            f.close()
         if self._made_parent:  # a folder made only for the lock goes with it, if still empty
             with contextlib.suppress(OSError):
                 self.path.parent.rmdir()

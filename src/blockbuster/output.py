@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -23,7 +24,13 @@ from typing import Any
 import numpy as np
 import zarr
 
-from .errors import BlockbusterError, IncompleteOutputError, InputError, OutputExistsError
+from .errors import (
+    BlockbusterError,
+    IncompleteOutputError,
+    InputError,
+    OutputExistsError,
+    writing,
+)
 from .io import ImageSource, default_output_path
 from .locks import RunLock
 from .tiling import TileGrid
@@ -221,6 +228,7 @@ class OutputTarget:
         directory, so what lies there is that run's.
         """
         if self.path is not None:
+            check_parent_is_folder(self.path, "output")
             out = self.path.resolve()
             for given in inputs:
                 if given is not None:
@@ -340,9 +348,44 @@ def resolve_output(output: Any, source: ImageSource, work_dir: Any, ome: bool | 
     """Where a run on ``source`` writes its labels (see :func:`tile_process`'s ``output``)."""
     from dataclasses import replace
 
+    if work_dir is not None and not isinstance(work_dir, (str, os.PathLike)):
+        raise InputError(f"work_dir={work_dir!r} must be a path (a new or empty folder, or a "
+                         "work directory of blockbuster's own)")
+    check_label_name(label_name)
+    if output is not None and isinstance(output, (bytes, int, float)):
+        raise InputError(f"output={output!r} must be a path or a zarr store")
     target = _resolve_output(output, source, work_dir, ome, label_name)
     level = source.meta.level if target.ome_image is not None else 0
     return replace(target, axes=source.label_axes, ome_level=level)
+
+
+def check_label_name(name: Any) -> str:
+    """A label image's name: one plain folder name (it becomes ``<image>/labels/<name>``).
+
+    Examples
+    --------
+    >>> check_label_name("nuclei")
+    'nuclei'
+    >>> check_label_name("a/b")
+    Traceback (most recent call last):
+    blockbuster.errors.InputError: label_name='a/b' must be a plain name (letters, digits, ., -, \
+_), not a path
+    """
+    if not isinstance(name, str) or not name or name in (".", "..") or \
+            any(c in name for c in "/\\\0") or name != name.strip():
+        raise InputError(f"label_name={name!r} must be a plain name (letters, digits, ., -, _), "
+                         "not a path")
+    return name
+
+
+def check_parent_is_folder(path: Path, what: str) -> None:
+    """Refuse ``path`` when something on its way is a file (it could never be created)."""
+    for parent in Path(path).absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InputError(f"{what} {path} cannot be created: {parent} is a file, not a "
+                                 "folder")
+            return
 
 
 def _resolve_output(output: Any, source: ImageSource, work_dir: Any, ome: bool | None,
@@ -467,7 +510,8 @@ class LabelView:
 
     def __setitem__(self, region: tuple[slice, ...], values: np.ndarray) -> None:
         index, shape = self._index(region)
-        self.array[index] = np.asarray(values).reshape(shape)
+        with writing("the labels", store_location(self.array)):
+            self.array[index] = np.asarray(values).reshape(shape)
 
     def chunk_index(self, region: tuple[slice, ...]) -> tuple[int, ...]:
         """The index of the output chunk a tile's core is."""
@@ -549,4 +593,20 @@ def mark_complete(out: zarr.Array, manifest: dict[str, Any], n_labels: int, *,
         meta["table"] = table
     if statistics:
         meta["statistics"] = statistics
-    out.attrs["blockbuster"] = meta
+    with writing("the labels", store_location(out)):
+        out.attrs["blockbuster"] = meta
+
+
+def store_location(arr: zarr.Array) -> str:
+    """Where a zarr array is stored, for messages (its folder for a local store).
+
+    Examples
+    --------
+    >>> store_location(zarr.create_array({}, shape=(2,), dtype="u1"))
+    'a zarr array in memory'
+    """
+    root = getattr(arr.store, "root", None)
+    if root is not None:
+        return str(Path(root) / arr.path) if arr.path else str(root)
+    return "a zarr array in memory" if type(arr.store).__name__ == "MemoryStore" else \
+        f"{arr.store}/{arr.path}"

@@ -22,7 +22,7 @@ import numpy as np
 
 from .errors import InputError
 from .io import ImageSource
-from .segmenter import SegmenterInfo, fn_name, grid_per_axis
+from .segmenter import Segmenter, SegmenterInfo, fn_name, grid_per_axis
 from .stitching import STITCH_MODES, Stitcher, check_mode, make_stitcher
 from .tiling import TileGrid, clip_depth, normalize_overlap
 
@@ -215,6 +215,10 @@ def make_plan(
     ndim = len(source.spatial_shape)
     overlap_t = normalize_overlap(info.preferred_overlap or 0 if overlap is None else overlap,
                                   ndim)
+    if overlap is not None:
+        _check_overlap_fits(overlap, overlap_t, source.spatial_shape)
+    else:  # a preference is only a preference: never more than the image
+        overlap_t = tuple(min(o, n) for o, n in zip(overlap_t, source.spatial_shape, strict=True))
     step = grid_per_axis(info.grid, ndim)
     overlap_t = _overlap_on_grid(overlap_t, step)
     note = None
@@ -228,6 +232,8 @@ def make_plan(
         log.info("resuming with the run's tile shape (tile_shape=%r is not sized again)",
                  tile_shape)
         grid = _grid(source, _spatial_part(source, tile_chunks), overlap_t, step)
+    _check_segmenter_plan(fn, grid)
+    _report_clipped_overlap(overlap_t, grid)
     mode = _stitch_mode(stitch.mode, info, grid)
     check_mode(mode, grid.depth, stitch.connectivity, len(grid.linked_axes))
     resolved = StitchOptions(mode, float(stitch.iou_threshold), stitch.connectivity)
@@ -237,6 +243,28 @@ def make_plan(
     return RunPlan(source, fn, info, grid, resolved, mask=mask, skip_empty=bool(skip_empty),
                    table=bool(table), measure=bool(measure), retries=int(retries),
                    sizing_note=note, requested_overlap=overlap_t)
+
+
+def _check_overlap_fits(given: Any, overlap: tuple[int, ...], spatial: tuple[int, ...]) -> None:
+    """An overlap larger than the whole image cannot make sense (a unit mistake: µm for
+    voxels, a typo); refused before anything runs.
+
+    Larger than the image on some axes only is fine: a thin z-stack or 2-D tiles of a volume
+    simply get less halo there (it is clipped to the tile, as documented).
+    """
+    long_axes = [a for a, n in enumerate(spatial) if n > 1] or list(range(len(spatial)))
+    if all(overlap[a] > spatial[a] for a in long_axes):
+        raise InputError(f"overlap={given!r} is larger than the image {spatial}: give a halo in "
+                         "voxels of about one object diameter")
+
+
+def _check_segmenter_plan(fn: Callable[..., Any], grid: TileGrid) -> None:
+    """Let the segmenter refuse tiles it cannot make sense of (see Segmenter.check_plan)."""
+    if not isinstance(fn, Segmenter):
+        return
+    linked = grid.linked_axes
+    fn.check_plan(tuple(grid.shape[a] for a in linked), tuple(grid.tile_shape[a] for a in linked),
+                  tuple(grid.depth[a] for a in linked))
 
 
 def _tile_chunks(tile_shape: Any, source: ImageSource, overlap: tuple[int, ...],
@@ -305,16 +333,6 @@ def _grid(source: ImageSource, spatial_chunks: Any, overlap: tuple[int, ...],
     spatial = source.spatial_shape
     grid = TileGrid(spatial, spatial_chunks)
     depth = clip_depth(overlap, grid.chunks, step)
-    clipped = [ax for ax, (o, d) in enumerate(zip(overlap, depth, strict=True))
-               if d < o and len(grid.chunks[ax]) > 1]
-    surprising = [ax for ax in clipped if grid.tile_shape[ax] > 1]
-    if surprising:
-        warnings.warn(
-            f"overlap {overlap} reduced to {depth}: the halo must be smaller than the tile on "
-            f"every axis (tile shape {grid.tile_shape}); use larger tiles to keep the overlap",
-            UserWarning, stacklevel=4)
-    elif clipped:
-        log.info("overlap %s reduced to %s on axes with tiles one voxel deep", overlap, depth)
     times = source.time_positions
     chunks, depths, space = [], [], iter(zip(grid.chunks, depth, strict=True))
     for position, size in enumerate(source.tiled_shape):
@@ -326,6 +344,23 @@ def _grid(source: ImageSource, spatial_chunks: Any, overlap: tuple[int, ...],
             chunks.append(c)
             depths.append(d)
     return TileGrid(source.tiled_shape, tuple(chunks), tuple(depths), unlinked_axes=times)
+
+
+def _report_clipped_overlap(overlap: tuple[int, ...], grid: TileGrid) -> None:
+    """Say when the halo had to be reduced to stay smaller than the tiles."""
+    linked = grid.linked_axes
+    depth = tuple(grid.depth[a] for a in linked)
+    chunks = [grid.chunks[a] for a in linked]
+    tile_shape = tuple(grid.tile_shape[a] for a in linked)
+    clipped = [ax for ax, (o, d) in enumerate(zip(overlap, depth, strict=True))
+               if d < o and len(chunks[ax]) > 1]
+    if any(tile_shape[ax] > 1 for ax in clipped):
+        warnings.warn(
+            f"overlap {overlap} reduced to {depth}: the halo must be smaller than the tile on "
+            f"every axis (tile shape {tile_shape}); use larger tiles to keep the overlap",
+            UserWarning, stacklevel=4)
+    elif clipped:
+        log.info("overlap %s reduced to %s on axes with tiles one voxel deep", overlap, depth)
 
 
 def _spatial_part(source: ImageSource, tile_chunks: TileChunks) -> TileChunks:

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from .io import ImageSource
 
 __all__ = ["MemoryModel", "Segmenter", "SegmenterInfo", "describe_segmenter", "fn_name",
-           "grid_per_axis"]
+           "grid_per_axis", "padded_extent"]
 
 StitchMode = Literal["faces", "iou", "none"]
 
@@ -118,6 +118,26 @@ class Segmenter:
         """Return an integer label image with the spatial shape of ``tile`` (0 = background)."""
         raise NotImplementedError
 
+    def check_plan(self, spatial_shape: tuple[int, ...], tile_shape: tuple[int, ...],
+                   overlap: tuple[int, ...]) -> None:
+        """Refuse a plan the segmenter cannot make sense of, before anything is written.
+
+        Called by :func:`~blockbuster.plan.make_plan` once the tiles are decided, before any
+        tile runs (and before ``prepare``). Raise :class:`~blockbuster.errors.InputError`
+        naming the parameter and the limit, e.g. a smoothing kernel larger than the tile or an
+        object diameter larger than the image. The default accepts every plan.
+
+        Parameters
+        ----------
+        spatial_shape : tuple of int
+            The image's spatial shape (the axes that are tiled and stitched).
+        tile_shape : tuple of int
+            The core shape of a (full) tile on those axes.
+        overlap : tuple of int
+            The halo on those axes, as the run will use it (already clipped to the tile): a
+            tile's padded extent is ``min(tile + 2 * overlap, image)`` per axis.
+        """
+
     def prepare(self, image: ImageSource) -> None:
         """Look at the whole image once, before any tile runs (global statistics).
 
@@ -147,6 +167,19 @@ class Segmenter:
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
         return f"{type(self).__name__}({params})"
+
+
+def padded_extent(spatial_shape: tuple[int, ...], tile_shape: tuple[int, ...],
+                  overlap: tuple[int, ...]) -> tuple[int, ...]:
+    """What a full tile with its halo spans on each axis (never more than the image).
+
+    Examples
+    --------
+    >>> padded_extent((64, 1000), (16, 256), (8, 32))
+    (32, 320)
+    """
+    return tuple(min(t + 2 * o, s) for s, t, o in zip(spatial_shape, tile_shape, overlap,
+                                                        strict=True))
 
 
 @dataclass(frozen=True)

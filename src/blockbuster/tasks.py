@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .engine.state import EntryRef, worker_writer
-from .errors import BlockbusterError, TileError
+from .errors import BlockbusterError, InputReadError, TileError
 from .io import ImageSource
 from .stitching import Stitcher, TileBoundary, core_counts, sequential_local_labels
 from .tiling import Tile, TileGrid
@@ -82,7 +82,10 @@ def segment_tile(ctx: TaskContext, tile_id: int, keep_labels: bool = True) -> Se
     With ``keep_labels=False`` (a worker process) the core's labels are saved to this process's
     pack file in the work directory and only their place is returned.
     """
-    tile, data = read_tile(ctx, tile_id)
+    try:
+        tile, data = read_tile(ctx, tile_id)
+    except TileError as unreadable:  # its input cannot be read: a failed tile, like a failed fn
+        return SegmentedTile(tile_id, error=unreadable)
     if data is None:
         return SegmentedTile(tile_id, skipped=True)
     intensities = image_core(ctx, tile, data)
@@ -105,9 +108,15 @@ def read_tile(ctx: TaskContext, tile_id: int) -> tuple[Tile, np.ndarray | None]:
     (an in-memory input is copied, not viewed).
     """
     tile = ctx.grid.tile(tile_id)
-    if ctx.mask is not None and not _has_foreground(ctx.mask, tile, ctx.grid):
-        return tile, None
-    data = ctx.source.read(tile.padded)
+    for attempt in range(ctx.retries + 1):
+        try:
+            if ctx.mask is not None and not _has_foreground(ctx.mask, tile, ctx.grid):
+                return tile, None
+            data = ctx.source.read(tile.padded)
+            break
+        except InputReadError as exc:
+            if attempt == ctx.retries:
+                raise _unreadable(ctx, tile, exc, attempt + 1) from exc
     if ctx.grid.unlinked_axes:  # one time point: segmenters see space (and channels) only
         data = np.squeeze(data, axis=_time_positions(ctx))
     if not data.flags.owndata or not data.flags.writeable:
@@ -115,6 +124,13 @@ def read_tile(ctx: TaskContext, tile_id: int) -> tuple[Tile, np.ndarray | None]:
     if ctx.skip_empty and data.size and data.min() == data.max():
         return tile, None
     return tile, data
+
+
+def _unreadable(ctx: TaskContext, tile: Tile, exc: InputReadError, attempts: int) -> TileError:
+    """The error of a tile whose input (or mask) cannot be read: the tile fails, not the run."""
+    return TileError(f"the input of {tile.describe()} cannot be read after {attempts} "
+                     f"attempt(s): {exc}", tile_index=tile.index, region=tile.padded,
+                     fn_name=ctx.fn_label, tb=traceback.format_exc())
 
 
 def _time_positions(ctx: TaskContext) -> tuple[int, ...]:

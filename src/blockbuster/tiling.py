@@ -50,7 +50,7 @@ class Tile:
 
 
 def normalize_overlap(overlap: int | Sequence[int] | None, ndim: int) -> tuple[int, ...]:
-    """Per-axis overlap from an int or a sequence; negative values are an error.
+    """Per-axis overlap from an int or a sequence of ints; anything else is an error.
 
     Examples
     --------
@@ -58,20 +58,30 @@ def normalize_overlap(overlap: int | Sequence[int] | None, ndim: int) -> tuple[i
     (5, 5, 5)
     >>> normalize_overlap((0, 8), 2)
     (0, 8)
+    >>> normalize_overlap(4.5, 2)
+    Traceback (most recent call last):
+    blockbuster.errors.InputError: overlap=4.5 must be an int or 2 ints (one per spatial axis), \
+in voxels
     """
     if overlap is None:
         return (0,) * ndim
-    if isinstance(overlap, (int, np.integer)):
-        values = (int(overlap),) * ndim
+    what = f"overlap={overlap!r} must be an int or {ndim} ints (one per spatial axis), in voxels"
+    if _is_int(overlap):
+        values = (int(overlap),) * ndim  # type: ignore[arg-type]
+    elif isinstance(overlap, (str, bytes)) or not isinstance(overlap, Sequence | np.ndarray):
+        raise InputError(what)
     else:
         values = tuple(overlap)
-        if len(values) != ndim or not all(isinstance(v, (int, np.integer)) for v in values):
-            raise InputError(f"overlap={overlap!r} must be an int or {ndim} ints (one per "
-                             "spatial axis)")
+        if len(values) != ndim or not all(_is_int(v) for v in values):
+            raise InputError(what)
         values = tuple(int(v) for v in values)
     if any(v < 0 for v in values):
         raise InputError(f"overlap={overlap!r} is negative; it must be >= 0 voxels")
     return values
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def clip_depth(overlap: tuple[int, ...], chunks: tuple[tuple[int, ...], ...],

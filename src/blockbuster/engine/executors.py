@@ -93,11 +93,15 @@ class InProcess(Executor):
             storing: Future[None] | None = None
             try:
                 for i, tile_id in enumerate(todo):
-                    tile, data = ahead.result()
+                    data, error = None, None
+                    try:
+                        tile, data = ahead.result()
+                    except TileError as unreadable:  # its input cannot be read: it fails
+                        error = unreadable
                     if i + 1 < len(todo):
                         ahead = reader.submit(read_tile, ctx, todo[i + 1])
-                    skipped = data is None
-                    intensities, result, error = None, None, None
+                    skipped = data is None and error is None
+                    intensities, result = None, None
                     if data is not None:
                         intensities = image_core(ctx, tile, data)
                         result, error = call_fn(ctx, tile, data)

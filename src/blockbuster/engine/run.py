@@ -24,11 +24,12 @@ from typing import Any
 import numpy as np
 import zarr
 
-from ..errors import InputError, OutputExistsError
+from ..errors import InputError, OutputExistsError, writing
 from ..output import (
     FORMAT_VERSION,
     LabelView,
     OutputTarget,
+    check_parent_is_folder,
     completion,
     label_chunks,
     mark_complete,
@@ -61,6 +62,8 @@ def manifest_for(plan: RunPlan, target: OutputTarget) -> dict[str, Any]:
 # -- 1. fresh, resumed, or refused ------------------------------------------------------------
 def check_locations(target: OutputTarget, work: WorkDir, inputs: list[Path | None]) -> None:
     """Refuse, before anything is written, an output or work directory that is not safe."""
+    if target.path is not None:
+        check_parent_is_folder(target.path, "output")
     work.check_usable()
     # A run's own unfinished output may have lost its metadata (deleted during the run, then
     # partly written again); its work directory names it, which proves it is ours to replace.
@@ -142,20 +145,22 @@ def execute(plan: RunPlan, target: OutputTarget, work: WorkDir, manifest: dict[s
     grid = plan.grid
     log.info("%s", plan.describe())
     state = RunState(work, grid.n_tiles)
-    output = _open_output(target, plan, work, manifest, state)
-    if output is None:  # the earlier tiles' output is gone: all of them run again
-        state.close()
-        work.clear_tiles()
-        state = RunState(work, grid.n_tiles)
-        output = _create_output(target, plan, manifest, uint64=False)
-    writer = PackWriter(work.packs_dir, state.attempts + 1, "main")
+    writer: PackWriter | None = None
     try:
+        output = _open_output(target, plan, work, manifest, state)
+        if output is None:  # the earlier tiles' output is gone: all of them run again
+            state.close()
+            work.clear_tiles()
+            state = RunState(work, grid.n_tiles)
+            output = _create_output(target, plan, manifest, uint64=False)
+        writer = PackWriter(work.packs_dir, state.attempts + 1, "main")
         if isinstance(plan.fn, Segmenter):
             plan.fn.prepare(plan.source)
         view = LabelView(output, plan.source)
 
         def to_uint64() -> LabelView:
-            return LabelView(target.convert_to_uint64(committer.output.array), plan.source)
+            with writing("the labels", target.describe()):
+                return LabelView(target.convert_to_uint64(committer.output.array), plan.source)
 
         committer = Committer(grid, plan.stitcher(), state, writer, view, to_uint64,
                               remote_writes=executor.remote_writes)
@@ -173,21 +178,50 @@ def execute(plan: RunPlan, target: OutputTarget, work: WorkDir, manifest: dict[s
         result = _end_pass(plan, committer, writer, progress)
         output = committer.output.array
         verify_output(target, committer.output, grid, manifest, result.has_labels)
-        target.finalize()
+        with writing("the labels", target.describe()):
+            target.finalize()
         if table_path is not None and result.table is not None:
             from ..table import write_object_table
 
-            write_object_table(result.table, table_path)
+            with writing("the object table", table_path):
+                write_object_table(result.table, table_path)
         mark_complete(output, manifest, result.n_labels,
                       table=str(table_path) if table_path is not None else None,
                       statistics=plan.fn.statistics if isinstance(plan.fn, Segmenter) else None)
-    finally:
-        writer.close()
-        state.close()
+    except Exception:
+        nothing_done = not state.seg
+        _close(writer, state)
+        if nothing_done:
+            _roll_back(target, work)
+        raise
+    _close(writer, state)
     if not keep_work:
         work.remove()
     log.info("wrote %d objects to %s", result.n_labels, target.describe())
     return output
+
+
+def _close(writer: PackWriter | None, state: RunState) -> None:
+    if writer is not None:
+        writer.close()
+    state.close()
+
+
+def _roll_back(target: OutputTarget, work: WorkDir) -> None:
+    """Remove what a run that failed before segmenting any tile made: its output (never
+    complete, and this run's own: the location was checked before) and its state, so that the
+    corrected rerun starts afresh, without $resume or $overwrite.
+
+    A run stopped by Ctrl-C or SIGTERM is not rolled back: it can be resumed.
+    """
+    try:
+        target.remove(claimed=True)
+        work.clear()
+    except OSError as exc:  # the original error matters more; the next run can still clear
+        log.warning("could not remove the unfinished run's output or work directory: %s", exc)
+        return
+    log.info("no tile was segmented: removed the unfinished output %s and its work directory",
+             target.describe())
 
 
 def segment_tiles(executor: Executor, ctx: TaskContext, todo: list[int], committer: Committer,
@@ -215,8 +249,9 @@ def _create_output(target: OutputTarget, plan: RunPlan, manifest: dict[str, Any]
                    uint64: bool) -> zarr.Array:
     attrs = {"blockbuster": {"complete": False, "params": manifest["params"]}}
     dtype = np.dtype(np.uint64 if uint64 else np.uint32)
-    return target.create(plan.source.label_shape, label_chunks(plan.source, plan.grid), dtype,
-                         attrs)
+    with writing("the labels", target.describe()):
+        return target.create(plan.source.label_shape, label_chunks(plan.source, plan.grid),
+                             dtype, attrs)
 
 
 def _end_pass(plan: RunPlan, committer: Committer, writer: PackWriter,

@@ -56,9 +56,9 @@ from typing import Any
 import numcodecs
 import numpy as np
 
-from ..errors import OutputExistsError, ResumeMismatchError, WorkDirError
+from ..errors import OutputExistsError, ResumeMismatchError, WorkDirError, writing
 from ..locks import RunLock
-from ..output import WORK_SUFFIX, work_dir_for
+from ..output import WORK_SUFFIX, check_parent_is_folder, work_dir_for
 
 __all__ = [
     "ENTRY_KINDS",
@@ -214,7 +214,7 @@ class PackWriter:
     def append(self, kind: str, tile: int, meta: dict[str, Any] | None = None,
                arrays: dict[str, np.ndarray] | None = None, *, sync: bool = False) -> EntryRef:
         data = _encode(kind, tile, meta or {}, arrays or {})
-        with self._lock:
+        with self._lock, writing("the run's state", self.dir / (self._name or "")):
             if self._file is None or self._size > PACK_BYTES:
                 self._open_next()
             offset = self._size
@@ -228,7 +228,7 @@ class PackWriter:
             return EntryRef(self._name, offset, len(data))
 
     def sync(self) -> None:
-        with self._lock:
+        with self._lock, writing("the run's state", self.dir / self._name):
             if self._file is not None:
                 os.fsync(self._file.fileno())
                 self._last_sync = time.monotonic()
@@ -242,7 +242,11 @@ class PackWriter:
 
     def close(self) -> None:
         with self._lock:
-            self._close_file()
+            try:
+                self._close_file()
+            except OSError as exc:  # a run failing on a full disk must not hide its first error
+                log.warning("could not close %s: %s", self.dir / self._name, exc)
+                self._file = None
 
 
 _WORKER_WRITERS: dict[tuple[str, int], PackWriter] = {}
@@ -462,8 +466,9 @@ class WorkDir:
     # -- lifecycle --------------------------------------------------------------------------
     def create(self, manifest: dict[str, Any]) -> None:
         """Start a new run here (the directory must not hold another run)."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(self.manifest_path, {**manifest, "state_format": STATE_FORMAT})
+        with writing("the work directory", self.path):
+            self.path.mkdir(parents=True, exist_ok=True)
+            _write_json_atomic(self.manifest_path, {**manifest, "state_format": STATE_FORMAT})
 
     def read_manifest(self) -> dict[str, Any]:
         """The run's manifest; a damaged or foreign one is a :class:`WorkDirError`."""
@@ -499,6 +504,7 @@ class WorkDir:
         if self.path.exists() and not self.path.is_dir():
             raise OutputExistsError(f"the work directory {self.path} is a file; pass another "
                                     "work_dir (a new or empty folder)")
+        check_parent_is_folder(self.path, "the work directory")
         foreign = self.foreign_entries()
         if foreign:
             shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")

@@ -125,6 +125,9 @@ def open_image(
 
 
 def _normalise_axis(axis: int, ndim: int) -> int:
+    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)):
+        raise InputError(f"channel_axis={axis!r} must be an int (the index of the axis holding "
+                         "channels)")
     if not -ndim <= axis < ndim:
         raise InputError(f"channel_axis={axis} is out of range for an image with {ndim} axes")
     return axis % ndim
@@ -133,6 +136,9 @@ def _normalise_axis(axis: int, ndim: int) -> int:
 def _check_dtype(src: ImageSource) -> None:
     if not (np.issubdtype(src.dtype, np.number) or src.dtype == bool):
         raise InputError(f"image dtype {src.dtype} is not numeric")
+    if np.issubdtype(src.dtype, np.complexfloating):
+        raise InputError(f"image dtype {src.dtype} is complex; segmenters take real "
+                         "intensities: pass its magnitude (numpy.abs) or one part (.real)")
 
 
 def default_output_path(path: Path) -> Path:

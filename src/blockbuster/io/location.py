@@ -85,6 +85,22 @@ class Location:
         except Exception:  # noqa: BLE001 -- an unreachable server is not an existing input
             return False
 
+    def unreachable(self) -> str | None:
+        """Why a remote location cannot be asked anything (no such host, connection refused,
+        a timeout...), or None when its server answers (or it is a local path)."""
+        if self.url is None:
+            return None
+        if self.url.split("://", 1)[0].lower() in ("http", "https"):
+            return _http_unreachable(self.url)  # fsspec reports a dead server as "not found"
+        fs, path = self.fs()
+        try:
+            fs.info(path)
+        except FileNotFoundError:
+            return None  # the server answered: there is nothing there
+        except Exception as exc:  # noqa: BLE001 -- every network library has its own errors
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
     def is_file(self) -> bool:
         if self.path is not None:
             return self.path.is_file()
@@ -104,6 +120,23 @@ class Location:
             return open(self.path, "rb")
         fs, path = self.fs()
         return fs.open(path, "rb")
+
+
+def _http_unreachable(url: str, timeout: float = 10.0) -> str | None:
+    """Why an HTTP server does not answer for ``url`` (None: it answered, even with 404)."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, method="HEAD")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout):
+            return None
+    except urllib.error.HTTPError:
+        return None  # an answer (404, 403...): the server is there
+    except urllib.error.URLError as exc:
+        return str(exc.reason)
+    except (OSError, ValueError) as exc:
+        return f"{type(exc).__name__}: {exc}"
 
 
 def as_location(image: str | os.PathLike[str], storage_options: dict[str, Any] | None = None

@@ -179,6 +179,10 @@ def open_location(location: Location, reader: str | None = None, **options: Any
             r.check_options(options)
             return r.open(location, **options)
     if not location.exists():
+        problem = location.unreachable()
+        if problem is not None:
+            raise InputError(f"cannot reach {location.text}: {problem}. Check the address, "
+                             "the network and any storage_options (credentials)")
         raise InputError(f"input not found: {location.text}") from FileNotFoundError(
             location.text)
     if missing:

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import dask.array as da
 import numpy as np
 
-from ..errors import InputError
+from ..errors import BlockbusterError, InputError, InputReadError
 from .model import Axis, ImageMetadata, guessed_axes
 
 __all__ = ["SAMPLE_BOXES", "ArrayRef", "ImageSource"]
@@ -100,6 +100,21 @@ class ImageSource:
                              f"of shape {self.shape}")
         if self.channel_axis != self.metadata.channel_axis:
             self.metadata = self.metadata.with_channel_axis(self.channel_axis)
+
+    def describe(self) -> str:
+        """The image for messages: its file or URL (with the dataset inside), or what array.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from blockbuster.io import open_image
+        >>> open_image(np.zeros((4, 5), np.uint8)).describe()
+        'the in-memory numpy image (4, 5)'
+        """
+        where = str(self.path) if self.path is not None else self.url
+        if where is None:
+            return f"the in-memory {self.kind} image {self.shape}"
+        return f"{where} (dataset {self.dataset})" if self.dataset else where
 
     # -- axes -------------------------------------------------------------------------------
     @property
@@ -443,17 +458,60 @@ class ImageSource:
             for c in self.channel_indices:
                 one = list(index)
                 one[self.channel_axis] = c
-                planes.append(self._get(tuple(one)))
+                planes.append(self._read(tuple(one)))
             axis = self.tile_channel_axis
             assert axis is not None
             return np.stack(planes, axis=axis)
-        return self._get(index)
+        return self._read(index)
+
+    def _read(self, index: tuple[Any, ...]) -> np.ndarray:
+        """``_get``, with a failure of the storage (a corrupt chunk, a truncated file, a lost
+        connection) turned into an :class:`InputReadError` naming the file, region and chunk."""
+        try:
+            return self._get(index)
+        except (BlockbusterError, MemoryError):
+            raise
+        except Exception as exc:
+            raise self._read_error(index, exc) from exc
 
     def _get(self, index: tuple[Any, ...]) -> np.ndarray:
         arr = self.array
         if isinstance(arr, da.Array):
             return np.asarray(arr[index].compute(scheduler="synchronous"))
         return np.asarray(arr[index])
+
+    def _read_error(self, index: tuple[Any, ...], exc: Exception) -> InputReadError:
+        voxels = ", ".join(f"{s.start}:{s.stop}" if isinstance(s, slice) else str(s)
+                           for s in index)
+        chunk = self._failing_chunk(index)
+        where = f"chunk {chunk} of " if chunk else ""
+        return InputReadError(f"cannot read {where}{self.describe()} (voxels [{voxels}]): "
+                              f"{type(exc).__name__}: {exc}")
+
+    def _failing_chunk(self, index: tuple[Any, ...], limit: int = 256) -> str | None:
+        """The first storage chunk under ``index`` that fails on its own (its key for zarr),
+        found by reading the chunks one by one; None when unknown or all read."""
+        chunks = self.storage_chunks
+        if chunks is None:
+            return None
+        ranges = []
+        for s, c, n in zip(index, chunks, self.shape, strict=True):
+            if isinstance(s, slice):
+                start, stop = s.start or 0, n if s.stop is None else s.stop
+            else:
+                start, stop = int(s), int(s) + 1
+            ranges.append(range(start // c, (max(stop, start + 1) - 1) // c + 1))
+        arr = self.array
+        for position in itertools.islice(itertools.product(*ranges), limit):
+            box = tuple(slice(i * c, min((i + 1) * c, n))
+                        for i, c, n in zip(position, chunks, self.shape, strict=True))
+            try:
+                self._get(box)
+            except (BlockbusterError, MemoryError):
+                raise
+            except Exception:  # noqa: BLE001 -- the chunk that fails, whatever it raises
+                return _chunk_name(arr, position)
+        return None
 
     def to_dask(self, chunks: Any = None) -> da.Array:
         """A lazy dask view of the stored image (every axis), chunked like its storage."""
@@ -510,6 +568,17 @@ class ImageSource:
         if self._ref is not None:
             state["_array"] = None  # reopened lazily in the receiving process
         return state
+
+
+def _chunk_name(arr: Any, position: tuple[int, ...]) -> str:
+    """A chunk's key in its store (zarr: ``c/1/1`` or ``1.1``), else its grid position."""
+    encode = getattr(getattr(arr, "metadata", None), "encode_chunk_key", None)
+    if callable(encode):
+        try:
+            return str(encode(position))
+        except Exception:  # noqa: BLE001 -- a store without keys: the position says enough
+            pass
+    return str(tuple(position))
 
 
 def sample_boxes(shape: Sequence[int], types: Sequence[str], max_voxels: int

@@ -171,6 +171,7 @@ def _instantiate(name: str, factory: Any, kwargs: dict[str, Any]) -> Segmenter:
         return factory
     if not callable(factory):
         raise InputError(f"segmenter plugin {name!r} names {factory!r}, which is not callable")
+    _check_arguments(name, factory, kwargs)
     seg = factory(**kwargs)
     if not isinstance(seg, Segmenter):
         raise InputError(
@@ -179,6 +180,29 @@ def _instantiate(name: str, factory: Any, kwargs: dict[str, Any]) -> Segmenter:
             "returning one"
         )
     return seg
+
+
+def _check_arguments(name: str, factory: Callable[..., Any], kwargs: dict[str, Any]) -> None:
+    """Refuse arguments the plugin does not take, naming them and the ones it takes."""
+    import inspect
+
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # a builtin or C callable: let the call say
+        return
+    params = signature.parameters.values()
+    if any(p.kind == p.VAR_KEYWORD for p in params):
+        return  # passed through (e.g. to Cellpose's eval): the plugin checks them itself
+    accepted = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                and p.name != "self"]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        import difflib
+
+        hints = [f"{u} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(
+            u, accepted, n=1)) else u for u in unknown]
+        raise InputError(f"segmenter {name!r} takes no argument {', '.join(hints)}; it takes "
+                         f"{', '.join(accepted) or 'no arguments'}")
 
 
 def resolve_fn(fn: Any, **kwargs: Any) -> Callable:

@@ -108,7 +108,12 @@ class Percentiles:
     def from_image(cls, image: ImageSource, percentiles: tuple[float, float],
                    max_voxels: int = 2_000_000) -> Percentiles:
         """Percentiles of a streamed subsample of the whole image (never read whole)."""
-        return cls.from_values(image.sample(max_voxels=max_voxels), percentiles)
+        from .watershed import check_finite_sample
+
+        values = check_finite_sample(image.sample(max_voxels=max_voxels), image,
+                                     "the normalisation percentiles",
+                                     'pass normalize="none" with intensities already in [0, 1]')
+        return cls.from_values(values, percentiles)
 
     def statistics(self, image: ImageSource, percentiles: tuple[float, float]
                    ) -> dict[str, Any]:

@@ -57,6 +57,7 @@ from ._normalize import (
     network_input,
     normalize_tile,
 )
+from .watershed import check_diameter, check_kernels
 
 if TYPE_CHECKING:
     from ..io import ImageSource
@@ -275,6 +276,24 @@ class CellposeSegmenter(Segmenter):
             "invert": self.invert,
             "eval_kwargs": jsonable(self.eval_kwargs),
         }
+
+    def check_plan(self, spatial_shape: tuple[int, ...], tile_shape: tuple[int, ...],
+                   overlap: tuple[int, ...]) -> None:
+        """Cellpose sees 2-D planes (or 3-D volumes with ``do_3D``) and rescales every tile by
+        ``30 / diameter``: objects larger than the image, or than a tile's plane, leave it
+        nothing to find."""
+        if len(spatial_shape) < 2:
+            raise InputError(f"Cellpose segments 2-D planes; this image has spatial shape "
+                             f"{spatial_shape}")
+        if self.do_3D and len(spatial_shape) != 3:
+            raise InputError(f"do_3D=True needs a 3-D image; this one has spatial shape "
+                             f"{spatial_shape}")
+        if self.diameter is None:
+            return
+        plane = slice(-2, None)  # the objects' diameter is in pixels of the planes
+        check_diameter("diameter", self.diameter, spatial_shape[plane])
+        check_kernels([(f"diameter={self.diameter!r}", math.ceil(self.diameter))],
+                      spatial_shape[plane], tile_shape[plane], overlap[plane])
 
     # -- running ------------------------------------------------------------------------------
     def prepare(self, image: ImageSource) -> None:

@@ -26,7 +26,15 @@ import numpy as np
 
 from ..errors import InputError
 from ..segmenter import MemoryModel, Segmenter
-from .watershed import THRESHOLD_METHODS, WatershedSegmenter, compute_threshold
+from .watershed import (
+    THRESHOLD_METHODS,
+    WatershedSegmenter,
+    check_diameter,
+    check_finite_sample,
+    check_kernels,
+    compute_threshold,
+    gaussian_kernel_size,
+)
 
 if TYPE_CHECKING:
     from ..io import ImageSource
@@ -112,6 +120,7 @@ class CellsSegmenter(Segmenter):
         compactness: float = 0.0,
     ) -> None:
         self.diameter = _positive("diameter", diameter)
+        self._sigma_given = sigma is not None
         self.nucleus_diameter = (self.diameter / 2 if nucleus_diameter is None
                                  else _positive("nucleus_diameter", nucleus_diameter))
         self.nuclei_channel = _channel("nuclei_channel", nuclei_channel)
@@ -163,6 +172,23 @@ class CellsSegmenter(Segmenter):
             "compactness": self.compactness,
         }
 
+    def check_plan(self, spatial_shape: tuple[int, ...], tile_shape: tuple[int, ...],
+                   overlap: tuple[int, ...]) -> None:
+        """Cells or nuclei larger than the image, or smoothing larger than the image or the
+        tile, cannot make sense; so neither can the nuclei watershed's own kernels."""
+        check_diameter("diameter", self.diameter, spatial_shape)
+        check_diameter("nucleus_diameter", self.nucleus_diameter, spatial_shape)
+        if self.sigma > 0:
+            sigma = (f"sigma={self.sigma!r}" if getattr(self, "_sigma_given", True) else
+                     f"diameter={self.diameter!r} (which sets sigma={self.sigma:g})")
+            check_kernels([(f"the smoothing of the second channel by {sigma}",
+                            gaussian_kernel_size(self.sigma))], spatial_shape, tile_shape,
+                          overlap)
+        if self.nuclei == "intensity":
+            kernels = [(f"{what.replace('diameter=', 'nucleus_diameter=')}", size)
+                       for what, size in self._nuclei.kernels()]
+            check_kernels(kernels, spatial_shape, tile_shape, overlap)
+
     # -- running --------------------------------------------------------------------------------
     def prepare(self, image: ImageSource) -> None:
         """Thresholds computed once from a streamed subsample of the whole image."""
@@ -177,7 +203,8 @@ class CellsSegmenter(Segmenter):
             self._nuclei.channel_axis = self.channel_axis
             self._nuclei.prepare(image)
         if self.stain == "cytoplasm" and self.threshold is None:
-            values = image.sample()[:, self.membrane_channel]
+            values = check_finite_sample(image.sample()[:, self.membrane_channel], image,
+                                         "the cytoplasm threshold")
             self.global_threshold = compute_threshold(values, self.threshold_method)
 
     def segment(self, tile: np.ndarray) -> np.ndarray:

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import InputError
-from ..segmenter import MemoryModel, Segmenter
+from ..segmenter import MemoryModel, Segmenter, padded_extent
 from . import ModelCache, jsonable, require, stack_plane_labels
 from ._normalize import (
     Percentiles,
@@ -221,6 +221,25 @@ class StardistSegmenter(Segmenter):
             "channel": self.channel,
             "predict_kwargs": jsonable(self.predict_kwargs),
         }
+
+    def check_plan(self, spatial_shape: tuple[int, ...], tile_shape: tuple[int, ...],
+                   overlap: tuple[int, ...]) -> None:
+        """The model's dimensionality must suit the image, and ``n_tiles`` must split each tile
+        into pieces of at least one voxel."""
+        if self.n_dim == 3 and len(spatial_shape) != 3:
+            raise InputError(f"{self.model!r} is a 3-D StarDist model; the image has spatial "
+                             f"shape {spatial_shape}")
+        if len(spatial_shape) < 2:
+            raise InputError(f"StarDist segments 2-D planes or 3-D volumes; this image has "
+                             f"spatial shape {spatial_shape}")
+        if self.n_tiles is None:
+            return
+        padded = padded_extent(spatial_shape, tile_shape, overlap)[-self.n_dim:]
+        for axis, (n, p) in enumerate(zip(self.n_tiles, padded, strict=True)):
+            if n > p:
+                raise InputError(f"n_tiles={self.n_tiles} splits model axis {axis} of a tile "
+                                 f"{p} voxels long (with its halo) into {n} pieces; use fewer "
+                                 "n_tiles or larger tiles ($tile_shape)")
 
     # -- running ------------------------------------------------------------------------------
     def prepare(self, image: ImageSource) -> None:

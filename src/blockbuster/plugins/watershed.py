@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import InputError
-from ..segmenter import MemoryModel, Segmenter
+from ..segmenter import MemoryModel, Segmenter, padded_extent
 
 if TYPE_CHECKING:
     from ..io import ImageSource
 
-__all__ = ["THRESHOLD_METHODS", "WatershedSegmenter"]
+__all__ = ["THRESHOLD_METHODS", "WatershedSegmenter", "check_diameter", "check_finite_sample",
+           "check_kernels", "gaussian_kernel_size"]
 
 #: Names accepted by ``threshold_method``: the scikit-image functions ``threshold_<name>``.
 THRESHOLD_METHODS = ("otsu", "li", "yen", "triangle", "isodata", "mean")
@@ -93,6 +94,8 @@ class WatershedSegmenter(Segmenter):
         channel: int = 0,
     ) -> None:
         self.diameter = _positive("diameter", diameter)
+        self._given = {k for k, v in (("sigma", sigma), ("min_distance", min_distance))
+                       if v is not None}
         self.sigma = self.diameter / 12 if sigma is None else _non_negative("sigma", sigma)
         self.threshold = None if threshold is None else _finite("threshold", threshold)
         if threshold_method not in THRESHOLD_METHODS:
@@ -131,6 +134,29 @@ class WatershedSegmenter(Segmenter):
             "channel": self.channel,
         }
 
+    def kernels(self) -> list[tuple[str, int]]:
+        """The neighbourhoods ``segment`` works in, in voxels per axis, with the parameters
+        that set them: the Gaussian smoothing and the peak search (``min_distance``)."""
+        def named(parameter: str, value: float) -> str:
+            if parameter in getattr(self, "_given", ()):
+                return f"{parameter}={value!r}"
+            return f"diameter={self.diameter!r} (which sets {parameter}={value:g})"
+
+        found = []
+        if self.sigma > 0:
+            found.append((f"the smoothing of {named('sigma', self.sigma)}",
+                          gaussian_kernel_size(self.sigma)))
+        found.append((f"the peak search of {named('min_distance', self.min_distance)}",
+                      2 * self.min_distance + 1))
+        return found
+
+    def check_plan(self, spatial_shape: tuple[int, ...], tile_shape: tuple[int, ...],
+                   overlap: tuple[int, ...]) -> None:
+        """Objects larger than the image, or kernels larger than the image or the tile, cannot
+        make sense (and a kernel of 10^9 voxels would never finish)."""
+        check_diameter("diameter", self.diameter, spatial_shape)
+        check_kernels(self.kernels(), spatial_shape, tile_shape, overlap)
+
     # -- running ------------------------------------------------------------------------------
     def prepare(self, image: ImageSource) -> None:
         """Compute the foreground threshold once from a streamed subsample of ``image``."""
@@ -139,7 +165,8 @@ class WatershedSegmenter(Segmenter):
             raise InputError(f"channel={self.channel} but the image has {image.n_channels} "
                              "channel(s)")
         if self.threshold is None:
-            values = image.sample()[:, self.channel]
+            values = check_finite_sample(image.sample()[:, self.channel], image,
+                                         "the watershed's threshold")
             self.global_threshold = compute_threshold(values, self.threshold_method)
             self._statistics = {"threshold": self.global_threshold,
                                 "threshold_method": self.threshold_method,
@@ -210,6 +237,83 @@ class WatershedSegmenter(Segmenter):
         return {**self.__dict__, "_warned_per_tile": False}
 
 
+def gaussian_kernel_size(sigma: float) -> int:
+    """Voxels per axis of scipy's Gaussian kernel for ``sigma`` (``truncate=4``).
+
+    Examples
+    --------
+    >>> gaussian_kernel_size(1.0), gaussian_kernel_size(0.5)
+    (9, 5)
+    """
+    return 2 * int(4.0 * float(sigma) + 0.5) + 1
+
+
+def check_diameter(name: str, diameter: float, spatial_shape: tuple[int, ...]) -> None:
+    """Objects wider than the image's longest axis cannot be found in it.
+
+    Examples
+    --------
+    >>> check_diameter("diameter", 1e9, (64, 64))
+    Traceback (most recent call last):
+    blockbuster.errors.InputError: diameter=1000000000.0 is larger than the image (64, 64): no \
+object that large fits in it. Give the objects' diameter in voxels of this image
+    """
+    if diameter > max(spatial_shape):
+        raise InputError(f"{name}={diameter!r} is larger than the image {spatial_shape}: no "
+                         "object that large fits in it. Give the objects' diameter in voxels "
+                         "of this image")
+
+
+def check_kernels(kernels: list[tuple[str, int]], spatial_shape: tuple[int, ...],
+                  tile_shape: tuple[int, ...] | None, overlap: tuple[int, ...]) -> None:
+    """Refuse neighbourhoods larger than the image, or than a tile that cuts the image.
+
+    ``kernels``: ``(parameter, size in voxels)``. A kernel larger than the image on every axis
+    longer than one voxel cannot make sense for this image; one larger than a tile's padded
+    extent on an axis where tiles cut the image (and are more than one voxel deep) would see
+    each tile's border instead of the image, so tiles would disagree. Axes the tile spans
+    whole, and one-voxel-deep tiles (2-D per slice), are never limited by the tile.
+
+    Examples
+    --------
+    >>> check_kernels([("sigma=1", 9)], (64, 64), (32, 32), (8, 8))
+    >>> check_kernels([("sigma=10", 81)], (64, 64), (32, 32), (8, 8))
+    Traceback (most recent call last):
+    blockbuster.errors.InputError: sigma=10 spans 81 voxels, larger than the image (64, 64); \
+give sizes in voxels of this image
+    """
+    long_axes = [n for n in spatial_shape if n > 1] or list(spatial_shape)
+    for name, size in kernels:
+        if size > max(long_axes):
+            raise InputError(f"{name} spans {size} voxels, larger than the image "
+                             f"{spatial_shape}; give sizes in voxels of this image")
+    if tile_shape is None:
+        return
+    padded = padded_extent(spatial_shape, tile_shape, overlap)
+    for name, size in kernels:
+        for axis, (p, n) in enumerate(zip(padded, spatial_shape, strict=True)):
+            if 1 < p < n and size > p:
+                raise InputError(
+                    f"{name} spans {size} voxels, larger than a tile on axis {axis} ({p} "
+                    f"voxels with its halo: tile_shape {tuple(tile_shape)}, overlap "
+                    f"{tuple(overlap)}): each tile would see only part of it, and tiles "
+                    "would disagree at their borders. Use larger tiles ($tile_shape), or a "
+                    "smaller diameter")
+
+
+def check_finite_sample(values: np.ndarray, image: ImageSource, what: str,
+                        hint: str = "give the threshold yourself") -> np.ndarray:
+    """``values`` (a sample of ``image``), or an error when it holds NaN or infinities."""
+    values = np.asarray(values)
+    if values.dtype.kind in "fc" and values.size and not np.isfinite(values).all():
+        bad = "NaN" if np.isnan(values).any() else "infinite"
+        raise InputError(
+            f"{image.describe()} holds {bad} values (seen in the sample used for {what}): "
+            f"the segmenter needs finite intensities. Replace them first, e.g. with "
+            f"numpy.nan_to_num, or {hint}")
+    return values
+
+
 def compute_threshold(values: np.ndarray, method: str = "otsu") -> float:
     """A foreground threshold for ``values`` with scikit-image's ``threshold_<method>``.
 
@@ -240,6 +344,9 @@ def compute_threshold(values: np.ndarray, method: str = "otsu") -> float:
     values = np.asarray(values)
     if values.size == 0:
         raise InputError("cannot compute a threshold from no values")
+    if values.dtype.kind in "fc" and not np.isfinite(values).all():
+        raise InputError("cannot compute a threshold from values holding NaN or infinities; "
+                         "replace them first (numpy.nan_to_num) or give threshold=")
     low, high = values.min(), values.max()
     if low == high:
         return float(low)

@@ -76,6 +76,7 @@ class TiffReader(Reader):
             fh = location.open_file() if location.is_remote else str(location.path)
             with tifffile.TiffFile(fh) as tif:
                 meta, shape0 = _metadata(tif, series_i, level_i, location)
+                _check_not_truncated(tif, series_i, level_i, location)
         except InputError:
             raise
         except Exception as exc:
@@ -92,6 +93,9 @@ class TiffReader(Reader):
 
 def _metadata(tif: Any, series: int, level: int, location: Location
               ) -> tuple[ImageMetadata, tuple[int, ...]]:
+    if not tif.series:
+        raise InputError(f"TIFF {location.text} holds no image (no series): is it damaged or "
+                         "cut short?")
     if not 0 <= series < len(tif.series):
         raise InputError(f"series={series}: {location.text} holds {len(tif.series)} series "
                          f"(0..{len(tif.series) - 1})")
@@ -127,6 +131,27 @@ def _metadata(tif: Any, series: int, level: int, location: Location
     meta = ImageMetadata(tuple(axes), names, reader="tiff", format=kind, series=series,
                          level=level, axes_known=known, extra=extra)
     return meta, shape
+
+
+def _check_not_truncated(tif: Any, series: int, level: int, location: Location) -> None:
+    """Refuse a file cut short (an interrupted copy or download) before any tile reads it:
+    the image data must end within the file. Only the last page is looked at (a cut removes
+    the end), so that large stacks open as fast as before."""
+    lvl = list(getattr(tif.series[series], "levels", [tif.series[series]]))[level]
+    size = int(tif.filehandle.size)
+    ends = []
+    if getattr(lvl, "dataoffset", None):
+        ends.append(int(lvl.dataoffset) + int(lvl.nbytes))
+    pages = lvl.pages
+    last = pages[-1] if len(pages) else None
+    if last is not None:
+        offsets = getattr(last, "dataoffsets", ()) or ()
+        counts = getattr(last, "databytecounts", ()) or ()
+        ends += [int(o) + int(n) for o, n in zip(offsets, counts, strict=False) if n]
+    if ends and max(ends) > size:
+        raise InputError(f"TIFF {location.text} is truncated: its image data end at byte "
+                         f"{max(ends)} but the file has {size} bytes (an interrupted copy or "
+                         "download?); copy it again")
 
 
 def _name_and_type(letter: str, has_c: bool, letters: str) -> tuple[str, str]:

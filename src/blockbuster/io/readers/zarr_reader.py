@@ -85,6 +85,8 @@ class _Multiscale:
     problem: str | None = None
     channel_names: tuple[str, ...] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: per level, a scale or translation whose length is not the number of axes
+    transform_problems: dict[int, str] = field(default_factory=dict)
 
 
 class ZarrReader(Reader):
@@ -172,12 +174,25 @@ def _plain_array(base: Location, arr: zarr.Array, store: Location, inner: str | 
 
 
 # -- OME-Zarr ---------------------------------------------------------------------------------
-def _parse_multiscale(attrs: dict[str, Any]) -> _Multiscale:
-    """The first multiscale, validated by ome-zarr-models (leniently parsed if it is invalid)."""
+def _parse_multiscale(attrs: dict[str, Any], where: str = "the image") -> _Multiscale:
+    """The first multiscale, validated by ome-zarr-models (leniently parsed if it is invalid).
+
+    Leniency stops where the metadata would be misread: datasets, paths, axes and transforms
+    must have the types NGFF gives them, and the axes must be consistent (see
+    :func:`_check_axes`); anything else is an :class:`InputError` naming ``where`` and the
+    field.
+    """
+    def bad(problem: str) -> InputError:
+        return InputError(f"{where}: the OME-Zarr metadata {problem}")
+
     multiscales = attrs.get("multiscales")
-    if not isinstance(multiscales, list) or not multiscales:
-        raise InputError("OME-Zarr multiscales metadata is empty")
+    if not isinstance(multiscales, list):
+        raise bad(f"has 'multiscales' of type {type(multiscales).__name__}, not a list")
+    if not multiscales:
+        raise bad("lists no image ('multiscales' is empty)")
     raw = multiscales[0]
+    if not isinstance(raw, dict):
+        raise bad(f"has a multiscales entry of type {type(raw).__name__}, not an object")
     nested = attrs.get("_ngff_nested", False)
     version = str(attrs.get("version") if nested else raw.get("version", "0.4"))
     problem = None
@@ -189,31 +204,96 @@ def _parse_multiscale(attrs: dict[str, Any]) -> _Multiscale:
         clean = {k: v for k, v in raw.items() if not (nested and k == "version")}
         raw = Model.model_validate(clean).model_dump(mode="json", exclude_none=True)
     except Exception as exc:  # noqa: BLE001 -- real files are often slightly off the spec
-        problem = f"not valid NGFF {version}: {str(exc).splitlines()[0]}"
-    axes = [_axis_dict(a) for a in raw.get("axes") or []]
-    datasets = raw.get("datasets") or []
+        problem = f"not valid NGFF {version}: {_first_error(exc)}"
+    axes_raw = raw.get("axes") or []
+    if not isinstance(axes_raw, list):
+        raise bad(f"has 'axes' of type {type(axes_raw).__name__}, not a list")
+    axes = [_axis_dict(a, where) for a in axes_raw]
+    datasets = raw.get("datasets")
+    if not isinstance(datasets, list):
+        raise bad(f"has 'datasets' of type {type(datasets).__name__}, not a list")
     if not datasets:
-        raise InputError("OME-Zarr multiscales metadata lists no datasets")
+        raise bad("lists no datasets (no resolution level)")
+    for i, ds in enumerate(datasets):
+        if not isinstance(ds, dict) or not isinstance(ds.get("path"), str) or not ds["path"]:
+            raise bad(f"has a dataset (level {i}) without a 'path' naming its array: {ds!r}")
     ndim = len(axes) if axes else None
-    scales, translations = [], []
-    common = raw.get("coordinateTransformations") or []
+    scales: list[list[float]] = []
+    translations: list[list[float]] = []
+    mismatch: dict[int, str] = {}
+    common = _transforms(raw.get("coordinateTransformations"), "the multiscale", bad)
     for ds in datasets:
-        transforms = ds.get("coordinateTransformations") or []
+        transforms = _transforms(ds.get("coordinateTransformations"),
+                                 f"dataset {ds['path']!r}", bad)
         n = ndim or _transform_ndim(transforms) or 0
-        s = _vector(transforms, "scale", n, 1.0)
-        t = _vector(transforms, "translation", n, 0.0)
-        gs = _vector(common, "scale", n, 1.0)
-        gt = _vector(common, "translation", n, 0.0)
+        s = _vector(transforms, "scale", n, 1.0, bad)
+        t = _vector(transforms, "translation", n, 0.0, bad)
+        gs = _vector(common, "scale", n, 1.0, bad)
+        gt = _vector(common, "translation", n, 0.0, bad)
+        wrong = next(((kind, len(v)) for kind, v in (("scale", s), ("translation", t),
+                                                    ("scale", gs), ("translation", gt))
+                      if len(v) != n), None)
+        if wrong is not None:  # reported with the array's shape, once the axes are checked
+            mismatch.setdefault(len(scales), f"gives dataset {ds['path']!r} a {wrong[0]} of "
+                                             f"{wrong[1]} values")
+            s, t, gs, gt = [1.0] * n, [0.0] * n, [1.0] * n, [0.0] * n
         scales.append([a * b for a, b in zip(s, gs, strict=True)])
         translations.append([a * b + c for a, b, c in zip(t, gs, gt, strict=True)])
     return _Multiscale(axes, [str(d["path"]) for d in datasets], scales, translations,
-                       version, raw.get("name"), problem)
+                       version, raw.get("name"), problem, transform_problems=mismatch)
 
 
-def _axis_dict(axis: Any) -> dict[str, Any]:
+def _first_error(exc: Exception) -> str:
+    """The first problem a pydantic validation error lists (its field and message)."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        try:
+            first = errors()[0]
+            field = ".".join(str(p) for p in first.get("loc", ()))
+            return f"{field}: {first.get('msg')}" if field else str(first.get("msg"))
+        except Exception:  # noqa: BLE001 -- fall back on the text
+            pass
+    return str(exc).splitlines()[0]
+
+
+def _check_axes(axes: list[dict[str, Any]], shape: tuple[int, ...], where: str) -> None:
+    """Axes as NGFF requires them, so that the image is never read with the wrong meaning: one
+    per array axis, distinct names, 2 or 3 space axes, at most one channel and one time axis."""
+    names = [a["name"] for a in axes]
+    listed = ", ".join(names)
+    if len(axes) != len(shape):
+        raise InputError(f"{where}: the OME-Zarr metadata lists {len(axes)} axes ({listed}) for "
+                         f"an array of shape {shape}")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise InputError(f"{where}: the OME-Zarr metadata names axis {twice[0]!r} more than once "
+                         f"(axes {listed})")
+    types = [a.get("type") or axis_type_of_name(str(a["name"])) for a in axes]
+    space = types.count("space")
+    if not 2 <= space <= 3:
+        raise InputError(f"{where}: the OME-Zarr metadata gives {space} space axes (axes "
+                         f"{listed}, shape {shape}); NGFF images have 2 or 3, so the array "
+                         "would be misread. Fix the axes in the metadata")
+    for kind in ("channel", "time"):
+        if types.count(kind) > 1:
+            raise InputError(f"{where}: the OME-Zarr metadata gives {types.count(kind)} {kind} "
+                             f"axes (axes {listed}); NGFF allows one")
+
+
+def _axis_dict(axis: Any, where: str = "the image") -> dict[str, Any]:
     if isinstance(axis, str):  # NGFF 0.3 wrote names only
         return {"name": axis, "type": axis_type_of_name(axis)}
+    if not isinstance(axis, dict) or not isinstance(axis.get("name"), str) or not axis["name"]:
+        raise InputError(f"{where}: the OME-Zarr metadata has an axis without a name: {axis!r}")
     return dict(axis)
+
+
+def _transforms(value: Any, what: str, bad: Any) -> list[dict[str, Any]]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise bad(f"has coordinateTransformations of {what} that are not a list of objects")
+    return value
 
 
 def _transform_ndim(transforms: list[dict[str, Any]]) -> int | None:
@@ -224,11 +304,14 @@ def _transform_ndim(transforms: list[dict[str, Any]]) -> int | None:
     return None
 
 
-def _vector(transforms: list[dict[str, Any]], kind: str, n: int, default: float
+def _vector(transforms: list[dict[str, Any]], kind: str, n: int, default: float, bad: Any
             ) -> list[float]:
     for t in transforms:
         if t.get("type") == kind and isinstance(t.get(kind), list):
-            return [float(v) for v in t[kind]]
+            values = t[kind]
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                raise bad(f"has a {kind} that is not a list of numbers: {values!r}")
+            return [float(v) for v in values]
     return [default] * n
 
 
@@ -248,19 +331,31 @@ def _omero_names(attrs: dict[str, Any]) -> tuple[str, ...] | None:
 def _ome_image(base: Location, group: zarr.Group, attrs: dict[str, Any], level: int | None,
                series: int | None = None, format_prefix: str = "OME-Zarr",
                channel_names: tuple[str, ...] | None = None) -> ImageSource:
-    ms = _parse_multiscale(attrs)
+    ms = _parse_multiscale(attrs, base.text)
     level = 0 if level is None else int(level)
     if not 0 <= level < len(ms.paths):
         raise InputError(f"level={level}: {base.text} has levels 0..{len(ms.paths) - 1}")
     path = ms.paths[level]
-    arr = open_zarr_node(base, path)
+    try:
+        arr = open_zarr_node(base, path)
+    except InputError as exc:
+        raise InputError(f"{base.text}: the OME-Zarr metadata names dataset {path!r} (level "
+                         f"{level}), but there is no array there ({exc})") from exc
     if not isinstance(arr, zarr.Array):
-        raise InputError(f"{base.text}/{path} is not an array")
+        raise InputError(f"{base.text}: the OME-Zarr metadata names dataset {path!r} (level "
+                         f"{level}), which is a group, not an array")
     if not ms.axes:
         ms.axes = [a.to_ngff() for a in guessed_axes(arr.ndim)]
-    if len(ms.axes) != arr.ndim:
-        raise InputError(f"{base.text}: {len(ms.axes)} axes in the metadata for an array of "
-                         f"shape {tuple(arr.shape)}")
+    _check_axes(ms.axes, tuple(arr.shape), base.text)
+    if level in ms.transform_problems:
+        raise InputError(f"{base.text}: the OME-Zarr metadata {ms.transform_problems[level]} "
+                         f"for an array of shape {tuple(arr.shape)}")
+    if not ms.scales[level]:  # neither axes nor transforms in the metadata: unit voxels
+        ms.scales[level], ms.translations[level] = [1.0] * arr.ndim, [0.0] * arr.ndim
+    if len(ms.scales[level]) != arr.ndim:  # no axes listed, transforms of another length
+        raise InputError(f"{base.text}: the OME-Zarr metadata gives dataset {path!r} a scale of "
+                         f"{len(ms.scales[level])} values for an array of shape "
+                         f"{tuple(arr.shape)}")
     names = _omero_names(attrs) or channel_names
     axes = tuple(Axis(str(a.get("name")), str(a.get("type") or axis_type_of_name(
         str(a.get("name")))), a.get("unit"), s, t)
