@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from .measurements import MeasurementReducer, measure, tile_measurements
     from .postprocess import expand_labels, fill_holes, filter_by_size, upsample_labels
     from .relations import Relations, relate
+    from .report import RunReport, run_report
     from .segmenter import MemoryModel, Segmenter
     from .sizing import auto_tile_shape, auto_tile_shape_cellpose, plan_tile_shape
     from .status import open_labels, output_status
@@ -61,6 +62,8 @@ _LAZY = {
     "upsample_labels": "postprocess",
     "Relations": "relations",
     "relate": "relations",
+    "RunReport": "report",
+    "run_report": "report",
     "MemoryModel": "segmenter",
     "Segmenter": "segmenter",
     "auto_tile_shape": "sizing",
@@ -85,6 +88,7 @@ __all__ = [
     "PluginNotInstalledError",
     "Relations",
     "ResumeMismatchError",
+    "RunReport",
     "Segmenter",
     "TileError",
     "TileFailures",
@@ -103,6 +107,7 @@ __all__ = [
     "plan_tile_shape",
     "read_object_table",
     "relate",
+    "run_report",
     "stitch_tiles",
     "tile_measurements",
     "tile_process",

@@ -47,6 +47,8 @@ OPTION_WORDS: dict[str, tuple[str, str]] = {
     "label_name": ("label_name=", "--label-name "),
     "client": ("client=", "--workers/--cluster "),
     "retries": ("retries=", "--retries "),
+    "timeout": ("timeout=", "--tile-timeout "),
+    "params": ("keyword arguments", "--param KEY=VALUE"),
 }
 
 

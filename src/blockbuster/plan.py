@@ -66,6 +66,8 @@ class RunPlan:
     #: also measure each object's intensities, per channel, in the table
     measure: bool = False
     retries: int = 1
+    #: seconds one call of fn may take on a tile before the attempt counts as failed
+    timeout: float | None = None
     #: how the tile shape was chosen (``"auto"``), for the log and ``info``
     sizing_note: str | None = None
     requested_overlap: tuple[int, ...] = field(default=())
@@ -195,6 +197,7 @@ def make_plan(
     table: bool = False,
     measure: bool = False,
     retries: int = 1,
+    timeout: float | None = None,
     tile_chunks: TileChunks | None = None,
 ) -> RunPlan:
     """Resolve every choice of a run and check it against the image (nothing is written).
@@ -206,6 +209,7 @@ def make_plan(
     stitch.check()
     if isinstance(retries, bool) or not isinstance(retries, (int, np.integer)) or retries < 0:
         raise InputError(f"retries={retries!r} must be an integer >= 0")
+    timeout = check_timeout(timeout)
     if mask is not None and mask.ndim != len(source.spatial_shape):
         raise InputError(f"mask of shape {mask.shape} must have the image's "
                          f"{len(source.spatial_shape)} spatial axes (image "
@@ -229,7 +233,25 @@ def make_plan(
                          "(or a table path) too")
     return RunPlan(source, fn, info, grid, resolved, mask=mask, skip_empty=bool(skip_empty),
                    table=bool(table), measure=bool(measure), retries=int(retries),
-                   sizing_note=note, requested_overlap=overlap_t)
+                   timeout=timeout, sizing_note=note, requested_overlap=overlap_t)
+
+
+def check_timeout(timeout: Any) -> float | None:
+    """A per-tile time limit in seconds: a positive number, or None for no limit.
+
+    Examples
+    --------
+    >>> check_timeout(90), check_timeout(None)
+    (90.0, None)
+    """
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float, np.integer,
+                                                             np.floating)) \
+            or not math.isfinite(timeout) or timeout <= 0:
+        raise InputError(f"${{timeout}}{timeout!r} must be a positive number of seconds (or None "
+                         "for no limit)")
+    return float(timeout)
 
 
 def _tile_chunks(tile_shape: Any, source: ImageSource, overlap: tuple[int, ...],

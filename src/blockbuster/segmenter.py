@@ -93,6 +93,12 @@ class Segmenter:
         voxel deep in every leading axis. None: the method takes tiles of any dimensionality.
     channel_axis : int or None
         Set by ``tile_process`` before the first tile: where the channel axis is in each tile.
+    requires : tuple of str
+        Top-level modules the segmenter needs (e.g. ``("cellpose", "torch")``): listings such
+        as ``blockbuster methods`` and ``segment --help`` offer it only where they are
+        installed, without importing them.
+    extra : str or None
+        The pip extra that installs them (``pip install "blockbuster[extra]"``).
     """
 
     name: str = "segmenter"
@@ -101,6 +107,8 @@ class Segmenter:
     memory_model: MemoryModel | None = None
     spatial_ndim: int | None = None
     channel_axis: int | None = None
+    requires: tuple[str, ...] = ()
+    extra: str | None = None
 
     def segment(self, tile: np.ndarray) -> np.ndarray:
         """Return an integer label image with the spatial shape of ``tile`` (0 = background)."""
