@@ -153,7 +153,8 @@ def tile_process(
     -------
     zarr.Array
         The labels, consecutive 1..N, chunked on the tile cores; uint32 (uint64 beyond
-        4,294,967,295 objects).
+        4,294,967,295 objects). The run's report (tiles, times per stage, peak memory,
+        parameters) is stored with them: :func:`blockbuster.run_report` reads it.
 
     Examples
     --------

@@ -50,8 +50,9 @@ examples:
 
 The demo writes, in OUTPUT_DIR: nuclei.ome.zarr (the image, with the labels in
 labels/blockbuster), nuclei.objects.csv (one row per nucleus), nuclei.preview.png (a zoom on a
-tile corner) and nuclei.overview.png (the whole image). It replaces its own files from an
-earlier demo and touches nothing else. Open the image in napari (with napari-ome-zarr):
+tile corner) and nuclei.overview.png (the whole image, each nucleus in its label's colour).
+It replaces its own files from an earlier demo and touches nothing else. Open the image in
+napari (with napari-ome-zarr):
   napari ./blockbuster-demo/nuclei.ome.zarr
 """
 

@@ -289,9 +289,13 @@ def cmd_segment(args: argparse.Namespace) -> int:
             raise InputError("--job-script needs --cluster slurm|lsf|pbs")
         running = _job_cluster(args, jobs=0)
         try:
-            print(running.job_script())
+            script = running.job_script()
         finally:
             running.close()
+        if args.json:
+            args.json_result = {"job_script": script}
+        else:
+            print(script)
         return EXIT_OK
     cluster_only = [f"--{name.replace('_', '-')}" for name in CLUSTER_OPTIONS
                     if getattr(args, name) is not None]
