@@ -102,7 +102,7 @@ def work(tmp_path: Path, data: Path) -> Path:
 
 
 # -- help and usage -------------------------------------------------------------------------
-@pytest.mark.parametrize("command", [[], ["segment"], ["info"], ["demo"]])
+@pytest.mark.parametrize("command", [[], ["segment"], ["info"], ["demo"], ["methods"]])
 def test_help_has_usage_and_examples(command: list[str], tmp_path: Path) -> None:
     result = run(*command, "--help", cwd=tmp_path)
     assert_ok(result)
@@ -118,9 +118,12 @@ def test_segment_help_lists_every_option(tmp_path: Path) -> None:
                    "--channel-axis", "--overwrite", "--resume", "--table", "--mask",
                    "--skip-empty", "--workers", "--cluster", "--cores", "--memory", "--walltime",
                    "--queue", "--account", "--jobs", "--gpus-per-job", "--diameter", "--model",
-                   "--ome", "--no-ome", "--quiet", "--verbose"):
+                   "--ome", "--no-ome", "--quiet", "--verbose", "--param", "--params",
+                   "--tile-timeout", "--retries", "--json", "--dry-run"):
         assert option in result.stdout, option
     assert "watershed" in result.stdout  # the installed methods are listed
+    for code in ("0 ", "1 ", "2 ", "130 "):  # the exit codes are documented
+        assert f"\n  {code}" in result.stdout.split("exit codes:")[1]
 
 
 @pytest.mark.skipif(SCRIPT is None, reason="the blockbuster console script is not installed")
@@ -233,8 +236,9 @@ def test_unknown_method_lists_the_installed_ones(work: Path) -> None:
 
 def test_method_option_that_does_not_apply(work: Path) -> None:
     result = run("segment", "img.zarr", "--method", "watershed", "--model", "nuclei", cwd=work)
-    assert_one_line_error(result, 2, "--model does not apply to --method watershed",
-                          "--diameter")
+    line = assert_one_line_error(result, 2, "segmenter 'watershed' has no parameter 'model'",
+                                 "diameter=12", "threshold_method=", "--param KEY=VALUE")
+    assert "--sigma" not in line  # no flags that do not exist
 
 
 def test_method_without_its_extra_names_the_install_command(work: Path) -> None:
@@ -595,7 +599,15 @@ def test_demo_quick(three_d: bool, tmp_path: Path) -> None:
     zoom = Image.open(folder / "nuclei.preview.png")
     assert zoom.size == tuple(min(DEMO_ZOOM, s) for s in plan.shape[-2:])[::-1]
     assert zoom.mode == "RGB"
-    assert Image.open(folder / "nuclei.overview.png").size == plan.shape[-2:][::-1]
+    overview = np.asarray(Image.open(folder / "nuclei.overview.png").convert("RGB"))
+    assert overview.shape[:2] == plan.shape[-2:]
+    # the overview shows the labels: the nuclei of the middle plane are in colour, the
+    # background stays grey (but for the tile grid and the caption)
+    middle = np.asarray(label_data[0])[(plan.shape[0] // 2,) if three_d else ()]
+    rgb = overview.astype(int)
+    colourful = rgb.max(axis=-1) - rgb.min(axis=-1) > 40
+    assert colourful[middle > 0].mean() > 0.9
+    assert colourful[middle == 0].mean() < 0.2
     for name in ("image:", "labels:", "table:", "preview:", "overview:"):
         assert name in result.stdout
     if not three_d:  # a second demo in the same folder replaces its own files

@@ -702,3 +702,25 @@ def test_a_lower_pyramid_level_is_segmented_and_lines_up_with_its_image(tmp_path
     labels_ms = zarr.open_group(str(path / "labels" / "blockbuster")).attrs["ome"]["multiscales"][0]
     assert labels_ms["datasets"][0]["coordinateTransformations"] == \
         image_ms["datasets"][1]["coordinateTransformations"]
+
+
+def test_an_overlap_in_micrometres_becomes_voxels_per_axis(tmp_path):
+    """overlap='6um' on an anisotropic volume (2 x 0.5 x 0.5 um voxels): (3, 12, 12) voxels."""
+    from blockbuster.errors import InputError
+    from blockbuster.plan import make_plan
+    from blockbuster.segmenter import describe_segmenter
+
+    volume = np.zeros((20, 64, 64), np.uint16)
+    path = write_ome_zarr(tmp_path / "v.ome.zarr", volume, "zyx", "0.4",
+                          scale={"z": 2.0, "y": 0.5, "x": 0.5})
+    src = open_image(path)
+    plan = make_plan(src, label, describe_segmenter(label), tile_shape=(10, 32, 32),
+                     overlap="6um")
+    assert plan.grid.depth == (3, 12, 12)
+    per_axis = make_plan(src, label, describe_segmenter(label), tile_shape=(10, 32, 32),
+                         overlap=("4um", 2, "1um"))
+    assert per_axis.grid.depth == (2, 2, 2)
+    plain = open_image(volume)  # no voxel size: a physical length cannot be converted
+    with pytest.raises(InputError, match="voxel size is not known"):
+        make_plan(plain, label, describe_segmenter(label), tile_shape=(10, 32, 32),
+                  overlap="6um")

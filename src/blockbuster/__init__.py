@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from .plugins.cellpose import auto_tile_shape_cellpose
     from .postprocess import expand_labels, fill_holes, filter_by_size, upsample_labels
     from .relations import Relations, relate
+    from .report import RunReport, run_report
     from .segmenter import MemoryModel, Segmenter
     from .sizing import auto_tile_shape, plan_tile_shape
     from .status import open_labels, output_status
@@ -64,6 +65,8 @@ _LAZY = {
     "upsample_labels": "postprocess",
     "Relations": "relations",
     "relate": "relations",
+    "RunReport": "report",
+    "run_report": "report",
     "MemoryModel": "segmenter",
     "Segmenter": "segmenter",
     "auto_tile_shape": "sizing",
@@ -90,6 +93,7 @@ __all__ = [
     "PluginNotInstalledError",
     "Relations",
     "ResumeMismatchError",
+    "RunReport",
     "Segmenter",
     "TileError",
     "TileFailures",
@@ -108,6 +112,7 @@ __all__ = [
     "plan_tile_shape",
     "read_object_table",
     "relate",
+    "run_report",
     "stitch_tiles",
     "tile_measurements",
     "tile_process",

@@ -151,7 +151,7 @@ def open_label_image(labels: Any, *, allow_incomplete: bool = False,
     if attrs.get("complete") is False and not allow_incomplete:
         raise IncompleteOutputError(
             f"{source.path or what} is not a complete blockbuster output (the run that writes "
-            "it did not finish); rerun tile_process with resume=True to finish it")
+            "it did not finish); rerun it with $resume to finish it")
     spacing, names = _ome_spacing(source)
     if "spacing_um" in attrs:  # written by blockbuster's analyses: None when it was unknown
         known = attrs["spacing_um"]
@@ -360,7 +360,7 @@ def create_label_output(output: Any, like: LabelImage, *, dtype: Any,
                                     fill_value=0, overwrite=overwrite)
         except Exception as exc:
             if not overwrite:
-                raise OutputExistsError(f"the output store holds an array; pass overwrite=True "
+                raise OutputExistsError(f"the output store holds an array; pass $overwrite "
                                         f"to replace it ({exc})") from exc
             raise
         return LabelOutput(arr, None, None, spacing, like.names)
@@ -369,7 +369,7 @@ def create_label_output(output: Any, like: LabelImage, *, dtype: Any,
         raise InputError(f"output {path} is the input labels (or inside them); choose another "
                          "path: the input is never modified")
     if path.exists() and not overwrite:
-        raise OutputExistsError(f"output {path} exists; pass overwrite=True to replace it")
+        raise OutputExistsError(f"output {path} exists; pass $overwrite to replace it")
     attrs: dict[str, Any] = {"blockbuster": {"complete": False}}
     if path.name.lower().endswith(".ome.zarr"):
         from .ome import create_label_level0

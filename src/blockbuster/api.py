@@ -34,7 +34,7 @@ def tile_process(
     image: Any,
     fn: Callable[[np.ndarray], np.ndarray] | Segmenter | str,
     tile_shape: Sequence[int] | str | Callable[..., Any] | None = "auto",
-    overlap: int | Sequence[int] | None = None,
+    overlap: int | str | Sequence[int | str] | None = None,
     *,
     output: str | Path | Any | None = None,
     channel_axis: int | None = None,
@@ -52,6 +52,7 @@ def tile_process(
     table: bool | str | Path = False,
     measure: bool = False,
     retries: int = 1,
+    timeout: float | None = None,
     work_dir: str | Path | None = None,
     keep_work: bool = False,
     mask: Any = None,
@@ -76,9 +77,11 @@ def tile_process(
         ``(120, 512, 512)``: 3-D). ``"auto"`` sizes cubic tiles from free RAM (or GPU memory with
         ``use_gpu``); a callable is called as ``tile_shape(shape, dtype)``; None uses the
         input's own chunks.
-    overlap : int or tuple of int, optional
-        Halo added on every side of each tile, per axis. Clipped per axis to stay smaller than
-        the tile (a z-tile of 1 gets 0). Default: the segmenter's preferred overlap, else 0.
+    overlap : int, str or tuple, optional
+        Halo added on every side of each tile, per axis, in voxels, or as a length with a unit
+        (``"6um"``: converted per axis with the image's voxel size, so an anisotropic volume gets
+        less halo along its coarse axis). Clipped per axis to stay smaller than the tile (a
+        z-tile of 1 gets 0). Default: the segmenter's preferred overlap, else 0.
     output : path or zarr store, optional
         Where to write the labels: a new path, an empty folder, or an output blockbuster wrote
         before (nothing else is ever replaced). Default: ``<input>.labels.zarr`` next to a path
@@ -113,8 +116,10 @@ def tile_process(
         Who runs the tiles: this process, one tile at a time (None, the default); a
         dask.distributed cluster (``"active"``: the current client); or a pool of threads of
         this process (``fn`` must then be thread-safe). The labels are the same, id for id.
-    progress : bool, optional
-        Show progress bars; default: only on a terminal.
+    progress : bool, "bar" or "log", optional
+        Show progress: a bar on a terminal or in a Jupyter notebook, else log lines (logger
+        ``blockbuster``, INFO) at each tenth of the run and every minute, with tiles done,
+        failed, rate and ETA. False: nothing. See :mod:`blockbuster.progress`.
     table : bool or path
         Also compute an object table while the tiles run (voxel count, bounding box and
         centroid per label, in voxels and, for a calibrated image, in micrometres; columns
@@ -125,6 +130,16 @@ def tile_process(
         deviation and integrated intensity per channel, columns named after the channels).
     retries : int
         How many times a tile whose fn raised is tried again before it counts as failed.
+        A tile that ran out of GPU memory (``torch.cuda.OutOfMemoryError``, TensorFlow's
+        ``ResourceExhaustedError``, "CUDA out of memory") is first tried again up to three
+        times after the framework's cache is freed and a pause (5, 10, 20 s); those tries do
+        not count here.
+    timeout : float, optional
+        Seconds one call of ``fn`` may take on a tile; an attempt that takes longer counts as
+        failed (and is retried as failures are). Python cannot stop a running call: an
+        overrunning call goes on in the background, on its own thread, until it returns (its
+        memory, and its GPU, stay in use meanwhile); its result is dropped. On dask workers
+        the same happens in the worker process. Default: no limit.
     work_dir : path, optional
         Where the run keeps its state; default ``<output>.blockbuster-work`` next to the output.
         A new or empty folder, or a work directory of blockbuster's own.
@@ -148,7 +163,8 @@ def tile_process(
     -------
     zarr.Array
         The labels, consecutive 1..N, chunked on the tile cores; uint32 (uint64 beyond
-        4,294,967,295 objects).
+        4,294,967,295 objects). The run's report (tiles, times per stage, peak memory,
+        parameters) is stored with them: :func:`blockbuster.run_report` reads it.
 
     Examples
     --------
@@ -176,7 +192,7 @@ def tile_process(
                      stitch=StitchOptions(stitch, iou_threshold, connectivity), use_gpu=use_gpu,
                      memory=memory_bytes, mask=mask_source, skip_empty=skip_empty,
                      table=table_path is not None, measure=measure, retries=retries,
-                     tile_chunks=previous)
+                     timeout=timeout, tile_chunks=previous)
     manifest = manifest_for(plan, target)
     work = WorkDir(target.work_path)
     check_locations(target, work, [source.path, mask_source.path if mask_source else None])

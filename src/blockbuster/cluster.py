@@ -356,12 +356,12 @@ class JobKeeper:
                 f"{self.min_uptime:.0f} s of starting (the last: job {ended[-1][1]}, "
                 f"{ended[-1][2]}); the "
                 "workers cannot run there: read a job's output file (slurm-<id>.out for "
-                "SLURM), fix the cause, then resume the run (--resume, resume=True)")
+                "SLURM), fix the cause, then resume the run ($resume)")
         try:
             new = self.cluster.sync(self._replace, [name for name, _, _ in ended])
         except (RuntimeError, OSError) as exc:
-            raise ClusterError(_refusal(self.cluster, exc) + "; resume the run (--resume, "
-                               "resume=True) when the queue takes jobs again") from None
+            raise ClusterError(_refusal(self.cluster, exc) + "; resume the run ($resume) when "
+                               "the queue takes jobs again") from None
         self.replaced += new
         log.info("submitted replacement job(s) %s", ", ".join(new) or "(none)")
         return new

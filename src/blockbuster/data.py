@@ -893,7 +893,7 @@ def write_synthetic_nuclei(
     for p in (path, truth):
         if p is not None and p.exists():
             if not overwrite:
-                raise OutputExistsError(f"{p} exists; pass overwrite=True to replace it")
+                raise OutputExistsError(f"{p} exists; pass $overwrite to replace it")
             shutil.rmtree(p) if p.is_dir() else p.unlink()
 
     field = _NucleiField.create(shape, diameter, density, touching, seed)

@@ -53,6 +53,8 @@ OPTION_WORDS: dict[str, tuple[str, str]] = {
     "label_name": ("label_name=", "--label-name "),
     "client": ("client=", "--workers/--cluster "),
     "retries": ("retries=", "--retries "),
+    "timeout": ("timeout=", "--tile-timeout "),
+    "params": ("keyword arguments", "--param KEY=VALUE"),
 }
 
 
@@ -129,8 +131,9 @@ def writing(what: str, path: str | Path | None) -> Iterator[None]:
     >>> with writing("the output", "/data/out.zarr"):
     ...     raise OSError(errno.ENOSPC, "No space left on device")
     Traceback (most recent call last):
-    blockbuster.errors.OutputWriteError: cannot write the output /data/out.zarr: No space left \
-on device (errno 28 ENOSPC); free space or choose another location, then rerun with resume=True
+    blockbuster.errors.OutputWriteError: the run failed: cannot write the output /data/out.zarr: \
+No space left on device (errno 28 ENOSPC); free space or choose another location, then rerun \
+with resume=True
     """
     try:
         yield
@@ -149,9 +152,15 @@ def write_error(exc: OSError, what: str, path: str | Path | None) -> OutputWrite
     where = path if path is not None else exc.filename
     code = f" (errno {exc.errno} {name})" if name else ""
     filename = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(where) else ""
+    if exc.errno in (errnos.ENOSPC, getattr(errnos, "EDQUOT", -1), errnos.EFBIG):
+        advice = "free space or choose another location"
+    elif exc.errno in (errnos.EACCES, errnos.EPERM, errnos.EROFS):
+        advice = "make it writable or choose another location"
+    else:
+        advice = "fix the cause"
     return OutputWriteError(
-        f"cannot write {what} {where}{filename}: {reason}{code}; free space or choose another "
-        "location, then rerun with $resume", path=where, errno=exc.errno)
+        f"the run failed: cannot write {what} {where}{filename}: {reason}{code}; {advice}, "
+        "then rerun with $resume", path=where, errno=exc.errno)
 
 
 class OutputExistsError(BlockbusterError, FileExistsError):

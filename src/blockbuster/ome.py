@@ -706,7 +706,7 @@ def _prepare_location(group_path: Path, image_group: str | os.PathLike | None, n
             f"{group_path} exists and was not written by blockbuster; it is never replaced. "
             "Choose another label name (or output path)")
     if not overwrite:
-        raise OutputExistsError(f"{group_path} exists; pass overwrite=True to replace it")
+        raise OutputExistsError(f"{group_path} exists; pass $overwrite to replace it")
     if standalone_path is None:
         _unlist_label(group_path.parent.parent, name)  # never list a half-written label image
     shutil.rmtree(group_path)

@@ -241,7 +241,7 @@ class OutputTarget:
             raise OutputExistsError(
                 f"output {self.describe()} {what}. blockbuster writes only to a new path, an "
                 "empty folder, or one of its own outputs, and never replaces anything else "
-                "(not even with overwrite=True); choose another output path")
+                "(not even with $overwrite); choose another output path")
 
     def _check_apart(self, out: Path, given: Path) -> None:
         if self.is_ome and not self.ome_standalone and self.ome_image is not None \
@@ -581,11 +581,13 @@ def missing_chunks(arr: zarr.Array, indices: list[tuple[int, ...]]) -> list[tupl
 
 
 def mark_complete(out: zarr.Array, manifest: dict[str, Any], n_labels: int, *,
-                  table: str | None = None, statistics: dict[str, Any] | None = None) -> None:
+                  table: str | None = None, statistics: dict[str, Any] | None = None,
+                  report: dict[str, Any] | None = None) -> None:
     """Mark a finished output: written last, so its presence means everything is there.
 
     ``statistics``: the global values the segmenter computed from the whole image (threshold,
-    percentiles), so that a run can be compared and reproduced.
+    percentiles), so that a run can be compared and reproduced. ``report``: the run's report
+    (:mod:`blockbuster.report`).
     """
     meta: dict[str, Any] = {"complete": True, "params": manifest["params"],
                             "n_labels": int(n_labels), "format": FORMAT_VERSION}
@@ -593,6 +595,8 @@ def mark_complete(out: zarr.Array, manifest: dict[str, Any], n_labels: int, *,
         meta["table"] = table
     if statistics:
         meta["statistics"] = statistics
+    if report is not None:
+        meta["report"] = report
     with writing("the labels", store_location(out)):
         out.attrs["blockbuster"] = meta
 

@@ -66,6 +66,8 @@ class RunPlan:
     #: also measure each object's intensities, per channel, in the table
     measure: bool = False
     retries: int = 1
+    #: seconds one call of fn may take on a tile before the attempt counts as failed
+    timeout: float | None = None
     #: how the tile shape was chosen (``"auto"``), for the log and ``info``
     sizing_note: str | None = None
     requested_overlap: tuple[int, ...] = field(default=())
@@ -188,7 +190,7 @@ def make_plan(
     info: SegmenterInfo,
     *,
     tile_shape: Sequence[int] | str | Callable[..., Any] | None = "auto",
-    overlap: int | Sequence[int] | None = None,
+    overlap: int | str | Sequence[int | str] | None = None,
     stitch: StitchOptions | None = None,
     use_gpu: bool = False,
     memory: int | None = None,
@@ -197,6 +199,7 @@ def make_plan(
     table: bool = False,
     measure: bool = False,
     retries: int = 1,
+    timeout: float | None = None,
     tile_chunks: TileChunks | None = None,
 ) -> RunPlan:
     """Resolve every choice of a run and check it against the image (nothing is written).
@@ -208,11 +211,13 @@ def make_plan(
     stitch.check()
     if isinstance(retries, bool) or not isinstance(retries, (int, np.integer)) or retries < 0:
         raise InputError(f"retries={retries!r} must be an integer >= 0")
+    timeout = check_timeout(timeout)
     if mask is not None and mask.ndim != len(source.spatial_shape):
         raise InputError(f"mask of shape {mask.shape} must have the image's "
                          f"{len(source.spatial_shape)} spatial axes (image "
                          f"{source.spatial_shape})")
     ndim = len(source.spatial_shape)
+    overlap = _overlap_in_voxels(overlap, source)
     overlap_t = normalize_overlap(info.preferred_overlap or 0 if overlap is None else overlap,
                                   ndim)
     if overlap is not None:
@@ -242,7 +247,43 @@ def make_plan(
                          "(or a table path) too")
     return RunPlan(source, fn, info, grid, resolved, mask=mask, skip_empty=bool(skip_empty),
                    table=bool(table), measure=bool(measure), retries=int(retries),
-                   sizing_note=note, requested_overlap=overlap_t)
+                   timeout=timeout, sizing_note=note, requested_overlap=overlap_t)
+
+
+def check_timeout(timeout: Any) -> float | None:
+    """A per-tile time limit in seconds: a positive number, or None for no limit.
+
+    Examples
+    --------
+    >>> check_timeout(90), check_timeout(None)
+    (90.0, None)
+    """
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float, np.integer,
+                                                             np.floating)) \
+            or not math.isfinite(timeout) or timeout <= 0:
+        raise InputError(f"${{timeout}}{timeout!r} must be a positive number of seconds (or None "
+                         "for no limit)")
+    return float(timeout)
+
+
+def _overlap_in_voxels(overlap: Any, source: ImageSource) -> Any:
+    """An overlap given in physical units (``"6um"``, or per axis) in voxels per axis."""
+    from .units import is_length, to_voxels
+
+    if is_length(overlap):
+        voxels = to_voxels(overlap, source, name="overlap")
+        log.info("overlap=%r is %s voxels", overlap, voxels)
+        return voxels
+    if isinstance(overlap, (tuple, list)) and any(is_length(o) for o in overlap):
+        if len(overlap) != len(source.spatial_shape):
+            return overlap  # normalize_overlap says what is wrong
+        spacing = source.spacing_um
+        spatial = [s for s, t in zip(spacing, source.tiled_types, strict=True) if t == "space"]
+        return tuple(to_voxels(o, [s], name="overlap")[0] for o, s in zip(overlap, spatial,
+                                                                            strict=True))
+    return overlap
 
 
 def _check_overlap_fits(given: Any, overlap: tuple[int, ...], spatial: tuple[int, ...]) -> None:

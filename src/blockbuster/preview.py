@@ -189,6 +189,7 @@ def save_preview(
     channel_axis: int | None = None,
     channel: int = 0,
     fill_alpha: float = 0.0,
+    outlines: bool = True,
     caption: str | None = None,
 ) -> Path:
     """Save a PNG of one plane: grey image, coloured label outlines, tile grid.
@@ -219,6 +220,9 @@ def save_preview(
         For a multichannel image: its channel axis and the channel to show.
     fill_alpha : float
         Opacity of a tint of each label's colour over its interior (0: outlines only).
+    outlines : bool
+        Draw each label's outline in its colour (off for overviews, where objects are a few
+        pixels wide and would be all outline).
     caption : str, optional
         Text drawn in the top-left corner.
 
@@ -260,7 +264,7 @@ def save_preview(
             raise InputError(f"labels of shape {lab_src.spatial_shape} do not match the image's "
                              f"spatial shape {spatial}")
         lab = _read_plane(lab_src, lead, (ys, xs), factor, labels=True, channel=0)
-        _draw_labels(rgb, lab, fill_alpha)
+        _draw_labels(rgb, lab, fill_alpha, outlines)
     if tile_grid is not None:
         bounds = grid_boundaries(tile_grid, spatial)
         if len(bounds) < 2:
@@ -280,11 +284,14 @@ def save_preview(
     return path
 
 
-def _draw_labels(rgb: np.ndarray, lab: np.ndarray, fill_alpha: float) -> None:
+def _draw_labels(rgb: np.ndarray, lab: np.ndarray, fill_alpha: float,
+                 outlines: bool = True) -> None:
     if fill_alpha > 0:
         inside = lab > 0
         rgb[inside] = ((1 - fill_alpha) * rgb[inside]
                        + fill_alpha * label_colors(lab[inside]).astype(np.float32))
+    if not outlines:
+        return
     edge = find_boundaries(lab, mode="inner") & (lab > 0)
     rgb[edge] = label_colors(lab[edge])
 

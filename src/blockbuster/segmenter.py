@@ -104,6 +104,12 @@ class Segmenter:
         placement; plain functions, watershed).
     channel_axis : int or None
         Set by ``tile_process`` before the first tile: where the channel axis is in each tile.
+    requires : tuple of str
+        Top-level modules the segmenter needs (e.g. ``("cellpose", "torch")``): listings such
+        as ``blockbuster methods`` and ``segment --help`` offer it only where they are
+        installed, without importing them.
+    extra : str or None
+        The pip extra that installs them (``pip install "blockbuster[extra]"``).
     """
 
     name: str = "segmenter"
@@ -113,6 +119,8 @@ class Segmenter:
     spatial_ndim: int | None = None
     grid: int | tuple[int, ...] | None = None
     channel_axis: int | None = None
+    requires: tuple[str, ...] = ()
+    extra: str | None = None
 
     def segment(self, tile: np.ndarray) -> np.ndarray:
         """Return an integer label image with the spatial shape of ``tile`` (0 = background)."""
@@ -252,6 +260,6 @@ def grid_per_axis(grid: int | Sequence[int] | None, ndim: int) -> tuple[int, ...
     if isinstance(grid, (int, np.integer)):
         return (int(grid),) * ndim
     values = tuple(int(g) for g in grid)
-    if len(values) > ndim:
-        raise ValueError(f"grid {values} has more axes than the image ({ndim} spatial axes)")
+    if len(values) > ndim:  # a 3-D method on a 2-D image: its check_plan says so clearly
+        values = values[-ndim:]
     return (1,) * (ndim - len(values)) + values

@@ -321,10 +321,10 @@ def available_memory(use_gpu: bool = False) -> MemoryProbe:
         except _ProbeUnavailable as exc:
             failures.append(f"{name}: {exc}")
     raise NoGPUError(
-        "use_gpu=True but no usable GPU was found. Tried "
+        "$use_gpu but no usable GPU was found. Tried "
         + "; ".join(failures)
         + ". Install a CUDA build of torch (or nvidia-ml-py), run on a GPU node, "
-        "or drop use_gpu=True to size tiles from RAM."
+        "or drop $use_gpu to size tiles from RAM."
     )
 
 
@@ -761,11 +761,11 @@ def _too_small_error(
     fixed = _fixed_bytes(memory_model, fixed_bytes)
     of_which = f" (of which {format_bytes(fixed)} fixed, e.g. model weights)" if fixed else ""
     return TileSizeError(
-        f"tile_shape='auto': even the smallest sensible tile {tile} "
+        f"${{tile_shape}}'auto': even the smallest sensible tile {tile} "
         f"(padded to {padded_shape(tile, depth, shape)} by the halo) "
         f"needs {format_bytes(needed)}{of_which}, {format_bytes(budget.total)} available "
-        f"({budget.description}). Free some memory, pass a larger memory=, reduce the overlap, "
-        "or pass a fixed tile_shape."
+        f"({budget.description}). Free some memory, pass a larger $memory, reduce the "
+        "overlap, or pass a fixed $tile_shape."
     )
 
 
@@ -925,7 +925,8 @@ def validate_tile_shape(
     def invalid(problem: str) -> Exception:
         if source.startswith(_CALLABLE_SOURCE):
             return TileSizeError(f"{source} returned {tile_shape!r}: {problem}")
-        return InputError(f"{source}={tile_shape!r} is invalid: {problem}")
+        where = "${tile_shape}" if source == "tile_shape" else f"{source}="
+        return InputError(f"{where}{tile_shape!r} is invalid: {problem}")
 
     values = tile_shape.tolist() if isinstance(tile_shape, np.ndarray) else tile_shape
     if not isinstance(values, (tuple, list)):

@@ -84,6 +84,8 @@ class OutputStatus:
     table: str | None = None
     work: list[WorkStatus] = field(default_factory=list)
     running: str | None = None
+    #: the run's report (:class:`blockbuster.report.RunReport` as a dict), for a complete output
+    report: dict[str, Any] | None = None
 
     @property
     def leftover_work(self) -> bool:
@@ -125,6 +127,8 @@ def output_status(path: str | Path) -> OutputStatus:
     status.params = params if isinstance(params, dict) else {}
     table = meta.get("table")
     status.table = table if isinstance(table, str) else None
+    report = meta.get("report")
+    status.report = report if isinstance(report, dict) and status.complete else None
     return status
 
 

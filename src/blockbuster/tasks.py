@@ -7,8 +7,12 @@ nothing of the run loop: they turn a tile id into a :class:`SegmentedTile` (labe
 
 from __future__ import annotations
 
+import gc
+import logging
 import math
 import sys
+import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,8 +27,17 @@ from .io import ImageSource
 from .stitching import Stitcher, TileBoundary, core_counts, sequential_local_labels
 from .tiling import Tile, TileGrid
 
-__all__ = ["SegmentedTile", "TaskContext", "call_fn", "image_core", "read_tile", "segment_tile",
+__all__ = ["OOM_BACKOFF_S", "OOM_RETRIES", "SegmentedTile", "TaskContext", "call_fn",
+           "free_gpu_memory", "image_core", "is_out_of_memory", "read_tile", "segment_tile",
            "summarize"]
+
+log = logging.getLogger("blockbuster")
+
+#: A tile whose fn ran out of GPU memory is tried again up to this many times, after a pause
+#: that starts at OOM_BACKOFF_S seconds and doubles, before the error counts as a failure
+#: (on a shared GPU, other processes finish their work and free memory meanwhile).
+OOM_RETRIES = 3
+OOM_BACKOFF_S = 5.0
 
 
 @dataclass
@@ -44,6 +57,8 @@ class TaskContext:
     skip_empty: bool = False
     #: also measure intensities per object (the table needs ``table``)
     measure: bool = False
+    #: seconds one call of fn may take before the attempt counts as failed (None: no limit)
+    timeout: float | None = None
 
 
 @dataclass
@@ -157,24 +172,141 @@ def _has_foreground(mask: ImageSource, tile: Tile, grid: TileGrid) -> bool:
 def call_fn(ctx: TaskContext, tile: Tile, data: np.ndarray) -> tuple[Any, TileError | None]:
     """``fn(data)``, tried ``1 + retries`` times; the error names the tile when all fail.
 
+    An attempt fails when fn raises, or when it has not returned after ``ctx.timeout``
+    seconds. An attempt that ran out of GPU memory does not count yet: the framework's cache
+    is freed and it is tried again after a pause, up to :data:`OOM_RETRIES` times.
+
     The result is the caller's own: an array that ``fn`` may write again on its next call (a
     reused buffer, a view of one) is copied, so the tile being stored is never overwritten.
     """
     error = None
-    for attempt in range(ctx.retries + 1):
+    attempt = oom_retries = 0
+    while attempt <= ctx.retries:
         try:
-            return _owned(ctx.fn(data)), None
+            return _owned(_call_within_limit(ctx, tile, data)), None
         except BlockbusterError:
             raise  # a configuration problem (no GPU, missing extra...): fails every tile alike
         except Exception as exc:  # noqa: BLE001 -- the user's fn may raise anything
+            if oom_retries < OOM_RETRIES and is_out_of_memory(exc):
+                _back_off_after_oom(ctx, tile, exc, oom_retries)
+                oom_retries += 1
+                continue
+            attempt += 1
             error = TileError(
-                f"{ctx.fn_label} failed on {tile.describe()} after {attempt + 1} attempt(s): "
+                f"{ctx.fn_label} failed on {tile.describe()} after {attempt} attempt(s): "
                 f"{type(exc).__name__}: {exc}",
                 tile_index=tile.index, region=tile.padded, fn_name=ctx.fn_label,
                 tb=traceback.format_exc(),
             )
             error.__cause__ = exc
     return None, error
+
+
+class TileTimeoutError(TimeoutError):
+    """fn did not return a tile's labels within the time limit (``timeout=``)."""
+
+
+def _call_within_limit(ctx: TaskContext, tile: Tile, data: np.ndarray) -> Any:
+    """``ctx.fn(data)``; with a time limit, on a helper thread that is abandoned if it hangs.
+
+    Python cannot stop a thread: a call that overruns keeps running in the background (holding
+    its memory, and the GPU if it uses one) until it returns by itself; its result is then
+    dropped. The thread is a daemon, so it never keeps the process from exiting.
+    """
+    if ctx.timeout is None:
+        return ctx.fn(data)
+    outcome: dict[str, Any] = {}
+    finished = threading.Event()
+
+    def run() -> None:
+        try:
+            outcome["result"] = ctx.fn(data)
+        except BaseException as exc:  # noqa: BLE001 -- handed to the waiting thread as it is
+            outcome["error"] = exc
+        finally:
+            finished.set()
+
+    thread = threading.Thread(target=run, daemon=True, name=f"blockbuster-fn-{tile.id}")
+    thread.start()
+    if not finished.wait(ctx.timeout):
+        raise TileTimeoutError(
+            f"no result within the time limit of {ctx.timeout:g} s (the call goes on in the "
+            "background until it returns; its result will be dropped)")
+    if "error" in outcome:
+        raise outcome.pop("error")
+    return outcome.pop("result")
+
+
+#: Words of out-of-memory errors of GPU frameworks that do not raise a type of their own
+#: (or wrap it): PyTorch/CUDA, cuBLAS/cuDNN, TensorFlow, Apple MPS.
+_OOM_MESSAGES = ("CUDA out of memory", "CUDA error: out of memory", "cudaErrorMemoryAllocation",
+                 "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
+                 "OOM when allocating", "MPS backend out of memory")
+#: Exception types of GPU frameworks that mean "out of memory", by name (never imported here):
+#: torch.cuda.OutOfMemoryError, TensorFlow's ResourceExhaustedError, JAX's XlaRuntimeError
+#: says RESOURCE_EXHAUSTED in its message.
+_OOM_TYPES = ("OutOfMemoryError", "ResourceExhaustedError")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an error it was raised from) is a GPU out-of-memory error.
+
+    Examples
+    --------
+    >>> is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    True
+    >>> is_out_of_memory(ValueError("bad tile")), is_out_of_memory(MemoryError())
+    (False, False)
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if type(current).__name__ in _OOM_TYPES:
+            return True
+        text = str(current)
+        if any(words in text for words in _OOM_MESSAGES) or (
+                "RESOURCE_EXHAUSTED" in text and "memory" in text.lower()):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def free_gpu_memory() -> list[str]:
+    """Free what the GPU frameworks loaded in this process cache; returns what was freed.
+
+    PyTorch returns its cached blocks to the driver (``torch.cuda.empty_cache``). TensorFlow
+    has no such call: it keeps its memory pool, and only the garbage collection helps.
+    Nothing is imported: a framework that is not loaded holds no GPU memory.
+    """
+    gc.collect()  # tensors of the failed call that only reference cycles still hold
+    freed: list[str] = []
+    torch = sys.modules.get("torch")
+    cuda = getattr(torch, "cuda", None)
+    try:
+        if cuda is not None and cuda.is_available() and cuda.is_initialized():
+            cuda.empty_cache()
+            freed.append("torch's CUDA cache")
+        mps = getattr(torch, "mps", None)
+        mps_backend = getattr(getattr(torch, "backends", None), "mps", None)
+        if mps is not None and mps_backend is not None and mps_backend.is_available():
+            mps.empty_cache()
+            freed.append("torch's MPS cache")
+    except Exception as exc:  # noqa: BLE001 -- freeing is a courtesy; the retry tells
+        log.debug("freeing the GPU cache failed: %s", exc)
+    return freed
+
+
+def _back_off_after_oom(ctx: TaskContext, tile: Tile, exc: BaseException, retry: int) -> None:
+    """Free the framework's cache and wait before the same tile is tried again."""
+    wait = OOM_BACKOFF_S * 2**retry
+    freed = free_gpu_memory()
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    what = f"freed {' and '.join(freed)}" if freed else "collected garbage (no GPU cache loaded)"
+    log.warning("%s ran out of GPU memory on %s (%s: %s); %s, trying again in %g s (%d of %d)",
+                ctx.fn_label, tile.describe(), type(exc).__name__, first[:200], what, wait,
+                retry + 1, OOM_RETRIES)
+    time.sleep(wait)
 
 
 def _owned(result: Any) -> Any:

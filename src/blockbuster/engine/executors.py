@@ -57,10 +57,18 @@ class Executor(ABC):
         """Segment every tile of ``todo`` and hand each to ``committer.accept``."""
 
 
-def _count(progress: Progress, seg: SegmentedTile) -> None:
+def _hand_over(committer: Committer, progress: Progress, seg: SegmentedTile) -> list[WriteJob]:
+    """Give a finished tile to the committer and count it (a failure before the committer
+    sees it: stopping early after the first failures must still count them)."""
+    if seg.error is not None:
+        progress.fail()
+        progress.update()
+        return committer.accept(seg)
+    jobs = committer.accept(seg)
     if seg.skipped:
         progress.skip()
     progress.update()
+    return jobs
 
 
 class InProcess(Executor):
@@ -81,8 +89,7 @@ class InProcess(Executor):
             return
 
         def store(seg: SegmentedTile) -> None:
-            committer.accept(seg)
-            _count(progress, seg)
+            _hand_over(committer, progress, seg)
 
         def summarize_and_store(tile: Any, result: Any, intensities: Any) -> None:
             store(summarize(ctx, tile, result, intensities))
@@ -110,8 +117,7 @@ class InProcess(Executor):
                         storing.result()  # in order; re-raises what the store thread raised
                         storing = None
                     if error is not None:  # recorded at once: fail-fast sees it before next fn
-                        committer.accept(SegmentedTile(tile_id, error=error))
-                        progress.update()
+                        _hand_over(committer, progress, SegmentedTile(tile_id, error=error))
                         continue
                     if skipped:
                         storing = writer.submit(store, SegmentedTile(tile_id, skipped=True))
@@ -146,9 +152,7 @@ class ThreadPool(Executor):
             while running:
                 done, running = wait(running, return_when="FIRST_COMPLETED")
                 for future in sorted(done, key=lambda f: f.result().tile_id):
-                    seg = future.result()
-                    committer.accept(seg)
-                    _count(progress, seg)
+                    _hand_over(committer, progress, future.result())
                 for tile_id in _take(queue, len(done)):
                     running.add(self.pool.submit(segment_tile, ctx, tile_id, True))
         finally:
@@ -223,8 +227,7 @@ class Dask(Executor):
                     raise failure
                 if isinstance(result, SegmentedTile):
                     segments_left -= 1
-                    pending.extend(committer.accept(result))
-                    _count(progress, result)
+                    pending.extend(_hand_over(committer, progress, result))
                 else:
                     for tile_id in result:
                         committer.written(tile_id)

@@ -14,6 +14,7 @@ The same steps whatever executes the tiles (see :mod:`blockbuster.engine.executo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +38,7 @@ from ..output import (
 )
 from ..plan import RunPlan
 from ..progress import make_progress
+from ..report import RunRecorder
 from ..segmenter import Segmenter
 from ..stitching import apply_changes
 from ..tasks import TaskContext
@@ -136,14 +138,22 @@ class EndResult:
     n_labels: int
     has_labels: np.ndarray
     table: dict[str, np.ndarray] | None
+    tiles_rewritten: int = 0
 
 
 def execute(plan: RunPlan, target: OutputTarget, work: WorkDir, manifest: dict[str, Any], *,
             executor: Executor, progress: bool | None, table_path: Path | None,
             keep_work: bool) -> zarr.Array:
-    """Steps 2-5 (see the module docstring); the work directory is prepared and locked."""
+    """Steps 2-5 (see the module docstring); the work directory is prepared and locked.
+
+    The run's report (:mod:`blockbuster.report`) is stored with the output; an error raised
+    here carries the report so far as its ``report`` attribute.
+    """
     grid = plan.grid
     log.info("%s", plan.describe())
+    recorder = RunRecorder(output=target.describe(), input=manifest["params"]["input"],
+                           executor=executor.name, work_dir=str(work.path),
+                           params=manifest["params"], tiles_total=grid.n_tiles)
     state = RunState(work, grid.n_tiles)
     writer: PackWriter | None = None
     try:
@@ -155,7 +165,8 @@ def execute(plan: RunPlan, target: OutputTarget, work: WorkDir, manifest: dict[s
             output = _create_output(target, plan, manifest, uint64=False)
         writer = PackWriter(work.packs_dir, state.attempts + 1, "main")
         if isinstance(plan.fn, Segmenter):
-            plan.fn.prepare(plan.source)
+            with recorder.stage("prepare"):
+                plan.fn.prepare(plan.source)
         view = LabelView(output, plan.source)
 
         def to_uint64() -> LabelView:
@@ -170,28 +181,40 @@ def execute(plan: RunPlan, target: OutputTarget, work: WorkDir, manifest: dict[s
             log.info("resuming: %d of %d tiles already done", done, grid.n_tiles)
         ctx = TaskContext(plan.source, plan.fn, plan.fn_label, grid, committer.stitcher,
                           work.path, writer.attempt, table=plan.table, retries=plan.retries,
-                          mask=plan.mask, skip_empty=plan.skip_empty, measure=plan.measure)
-        with make_progress(grid.n_tiles, "segmenting", progress, initial=done) as bar:
-            segment_tiles(executor, ctx, todo, committer, bar)
+                          mask=plan.mask, skip_empty=plan.skip_empty, measure=plan.measure,
+                          timeout=plan.timeout)
+        with recorder.stage("segment"), \
+                make_progress(grid.n_tiles, "segmenting", progress, initial=done) as bar:
+            try:
+                segment_tiles(executor, ctx, todo, committer, bar)
+            finally:
+                recorder.count_tiles(bar)
         committer.check_done()
         writer.sync()
-        result = _end_pass(plan, committer, writer, progress)
+        with recorder.stage("end_pass"):
+            result = _end_pass(plan, committer, writer, progress)
+        _record_end_pass(recorder, committer, result)
         output = committer.output.array
-        verify_output(target, committer.output, grid, manifest, result.has_labels)
-        with writing("the labels", target.describe()):
-            target.finalize()
-        if table_path is not None and result.table is not None:
-            from ..table import write_object_table
+        with recorder.stage("finish"):
+            verify_output(target, committer.output, grid, manifest, result.has_labels)
+            with writing("the labels", target.describe()):
+                target.finalize()
+            if table_path is not None and result.table is not None:
+                from ..table import write_object_table
 
-            with writing("the object table", table_path):
-                write_object_table(result.table, table_path)
+                with writing("the object table", table_path):
+                    write_object_table(result.table, table_path)
+        statistics = plan.fn.statistics if isinstance(plan.fn, Segmenter) else None
+        recorder.statistics = statistics or {}
+        recorder.table = str(table_path) if table_path is not None else None
         mark_complete(output, manifest, result.n_labels,
                       table=str(table_path) if table_path is not None else None,
-                      statistics=plan.fn.statistics if isinstance(plan.fn, Segmenter) else None)
-    except Exception:
+                      statistics=statistics, report=recorder.report().as_dict())
+    except BaseException as exc:  # Ctrl-C too: the CLI's --json prints the report so far
+        _attach_report(exc, recorder)
         nothing_done = not state.seg
         _close(writer, state)
-        if nothing_done:
+        if nothing_done and isinstance(exc, Exception):  # Ctrl-C and kills stay resumable
             _roll_back(target, work)
         raise
     _close(writer, state)
@@ -222,6 +245,20 @@ def _roll_back(target: OutputTarget, work: WorkDir) -> None:
         return
     log.info("no tile was segmented: removed the unfinished output %s and its work directory",
              target.describe())
+
+
+def _record_end_pass(recorder: RunRecorder, committer: Committer, result: EndResult) -> None:
+    book = committer.book
+    recorder.n_labels = result.n_labels
+    recorder.labels_joined_late = book.next_label - 1 - book.n_labels
+    recorder.tiles["rewritten"] = result.tiles_rewritten
+
+
+def _attach_report(exc: BaseException, recorder: RunRecorder) -> None:
+    """The report so far, on the error (``error.report``), for whoever renders it."""
+    if getattr(exc, "report", None) is None:
+        with contextlib.suppress(AttributeError, TypeError):
+            exc.report = recorder.report("failed", exc)  # type: ignore[attr-defined]
 
 
 def segment_tiles(executor: Executor, ctx: TaskContext, todo: list[int], committer: Committer,
@@ -285,7 +322,8 @@ def _end_pass(plan: RunPlan, committer: Committer, writer: PackWriter,
         for _ in pool.map(lambda t: _fix_tile(committer, writer, t, old, new), todo):
             bar.update()
     return EndResult(committer.book.n_labels, has_labels,
-                     _table_columns(plan, reducer) if reducer is not None else None)
+                     _table_columns(plan, reducer) if reducer is not None else None,
+                     tiles_rewritten=len(todo))
 
 
 def _table_columns(plan: RunPlan, reducer: Any) -> dict[str, np.ndarray]:

@@ -172,6 +172,8 @@ class CellposeSegmenter(Segmenter):
 
     name = "cellpose"
     preferred_stitch = "iou"
+    requires = ("cellpose", "torch")
+    extra = "cellpose"
 
     def __init__(
         self,
@@ -188,7 +190,7 @@ class CellposeSegmenter(Segmenter):
         model_kwargs: dict[str, Any] | None = None,
         **eval_kwargs: Any,
     ) -> None:
-        require(["cellpose", "torch"], "cellpose", "Cellpose")
+        require(self.requires, self.extra or "cellpose", "Cellpose")
         self.gpu = bool(gpu)
         self.diameter = _check_diameter(diameter)
         self.do_3D = bool(do_3D)

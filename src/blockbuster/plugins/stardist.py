@@ -134,6 +134,8 @@ class StardistSegmenter(Segmenter):
 
     name = "stardist"
     preferred_stitch = "iou"
+    requires = ("stardist", "tensorflow")
+    extra = "stardist"
 
     def __init__(
         self,
@@ -148,7 +150,7 @@ class StardistSegmenter(Segmenter):
         channel: int | None = None,
         **predict_kwargs: Any,
     ) -> None:
-        require(["stardist", "tensorflow"], "stardist", "StarDist")
+        require(self.requires, self.extra or "stardist", "StarDist")
         self.model, self.basedir, self.spec = _resolve_model(model, basedir)
         self.prob_thresh = _threshold("prob_thresh", prob_thresh)
         self.nms_thresh = _threshold("nms_thresh", nms_thresh)
