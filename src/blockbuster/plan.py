@@ -218,8 +218,8 @@ def make_plan(
                          f"{source.spatial_shape})")
     ndim = len(source.spatial_shape)
     overlap = _overlap_in_voxels(overlap, source)
-    overlap_t = normalize_overlap(info.preferred_overlap or 0 if overlap is None else overlap,
-                                  ndim)
+    overlap_t = normalize_overlap(  # lengths left here (wrong count) are refused by it
+        info.preferred_overlap or 0 if overlap is None else overlap, ndim)  # type: ignore[arg-type]
     if overlap is not None:
         _check_overlap_fits(overlap, overlap_t, source.spatial_shape)
     else:  # a preference is only a preference: never more than the image
