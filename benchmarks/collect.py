@@ -23,7 +23,7 @@ from _common import OUT, ROOT
 
 DOCS = ROOT / "docs" / "benchmarks"
 NAMES = ("bench_memory", "bench_connected_components", "bench_overhead", "bench_stitching",
-         "bench_parallel", "bench_whole_image")
+         "bench_parallel", "bench_whole_image", "bench_engine", "bench_fidelity", "bench_formats")
 
 
 def section(name: str) -> str | None:
@@ -32,8 +32,10 @@ def section(name: str) -> str | None:
     if not path.exists():
         return None
     lines = path.read_text().splitlines()
-    body = [line for line in lines if not line.startswith("## ")]
-    return "\n".join(body).strip() + f"\n\n![{name}](docs/benchmarks/{name}.png)"
+    body = "\n".join(line for line in lines if not line.startswith("## ")).strip()
+    if (OUT / f"{name}.png").exists():  # not every benchmark draws a plot
+        body += f"\n\n![{name}](docs/benchmarks/{name}.png)"
+    return body
 
 
 def summary(names: list[str]) -> str:
@@ -78,7 +80,8 @@ def main() -> int:
             continue
         text = updated
         included.append(name)
-        shutil.copy(OUT / f"{name}.png", DOCS / f"{name}.png")
+        if (OUT / f"{name}.png").exists():
+            shutil.copy(OUT / f"{name}.png", DOCS / f"{name}.png")
         print(f"{name}: updated")
     text = replace(text, "summary", summary(included)) or text
     target.write_text(text)
