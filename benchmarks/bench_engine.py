@@ -317,6 +317,11 @@ def main() -> None:
     if args.keep and saved.exists():
         rows = [r for r in json.loads(saved.read_text())["results"]["rows"]
                 if not (r["variant"] in args.variants and r["n_tiles"] in sizes)]
+    command = " ".join(["python benchmarks/bench_engine.py", *(["--quick"] if args.quick else []),
+                        *([f"--sizes {' '.join(map(str, sizes))}"] if args.sizes else []),
+                        *(["--variants " + " ".join(args.variants)]
+                          if args.variants != list(VARIANTS) else []),
+                        *(["--keep"] if args.keep else [])])
     load = []
     for n in sizes:
         image = image_for(n)
@@ -324,7 +329,8 @@ def main() -> None:
             src = args.before_src if VARIANTS[variant][0] == "before" else after_src
             load.append(os.getloadavg()[0])
             res = run_variant(variant, n, image, src)
-            row = derive({"variant": variant, "n_tiles": n, "load_before": load[-1], **res})
+            row = derive({"variant": variant, "n_tiles": n, "load_before": load[-1], **res,
+                          "run": f"`{command}` ({time.strftime('%Y-%m-%d %H:%M')})"})
             rows.append(row)
             print(f"{variant} {n} tiles: {row['wall']:.1f} s, driver {row['driver_ms']:.3f} "
                   f"ms/tile, {row['writes_per_chunk']:.3f} writes/chunk, driver peak "
@@ -364,13 +370,11 @@ def main() -> None:
         f"{TILE} x {TILE}, overlap {OVERLAP}, stitch='iou', fn = threshold + label; cluster: "
         "LocalCluster, 2 worker processes x 1 thread, start-up not timed. 'load avg' is the "
         "1-minute load average just before the run (a shared 2-core machine).")
+    runs = sorted({r.get("run", "an earlier run") for r in rows})
+    if len(runs) > 1:
+        verdicts.append("rows measured by: " + "; ".join(runs))
     png = plot_path("bench_engine")
     plot(rows, png)
-    extra = [f"--sizes {' '.join(map(str, sizes))}"] if args.sizes else []
-    if args.variants != list(VARIANTS):
-        extra.append("--variants " + " ".join(args.variants))
-    command = " ".join(["python benchmarks/bench_engine.py", *(["--quick"] if args.quick else []),
-                        *extra, *(["--keep"] if args.keep else [])])
     report("bench_engine", "One engine: before and after", {"": table}, verdicts,
            {"rows": rows}, command)
     print(f"plot: {png}")
