@@ -370,7 +370,8 @@ def main() -> None:
             verdicts.append(f"**object counts differ at {n:,} tiles**: " + ", ".join(
                 f"{v} {r['n_labels']:,}" for v, r in by.items()))
     for variant in ("in-process", "dask"):
-        sel = sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["n_tiles"])
+        sel = sorted((r for r in rows if r["variant"] == variant and "labelling_cpu_ms" in r),
+                     key=lambda r: r["n_tiles"])
         if len(sel) > 1:
             verdicts.append(verdict(
                 f"{variant}: driver labelling CPU per tile, {sel[-1]['n_tiles']:,} / "
