@@ -263,10 +263,11 @@ def derive(row: dict[str, Any]) -> dict[str, Any]:
     row.update(
         side=VARIANTS[row["variant"]][0],
         driver_ms=row["driver_s"] / n * 1e3, driver_cpu_ms=row["driver_cpu_s"] / n * 1e3,
-        labelling_cpu_ms=row["driver_thread_cpu_s"] / n * 1e3,
+        labelling_cpu_ms=row.get("driver_thread_cpu_s", math.nan) / n * 1e3,
         # tiles reach the driver every fn/2 ms from 2 workers: its labelling is <= 5 % of that
         # when fn >= 2 x 20 x (labelling CPU per tile)
-        fn_for_5pct=2 * 20 * row["driver_thread_cpu_s"] / n * 1e3,
+        fn_for_5pct=(2 * 20 * row["driver_thread_cpu_s"] / n * 1e3
+                     if VARIANTS[row["variant"]][1] and "driver_thread_cpu_s" in row else "-"),
         after_segment_s=max(row["wall"] - row["segment_s"], 0.0),
         driver_mib=row["driver_peak"] / MiB,
         workers_mib=max(row["worker_peaks"], default=0) / MiB or "-",
@@ -321,7 +322,7 @@ def main() -> None:
     saved = OUT / "bench_engine.json"
     rows: list[dict[str, Any]] = []
     if args.keep and saved.exists():
-        rows = [r for r in json.loads(saved.read_text())["results"]["rows"]
+        rows = [derive(r) for r in json.loads(saved.read_text())["results"]["rows"]
                 if not (r["variant"] in args.variants and r["n_tiles"] in sizes)]
     command = " ".join(["python benchmarks/bench_engine.py", *(["--quick"] if args.quick else []),
                         *([f"--sizes {' '.join(map(str, sizes))}"] if args.sizes else []),
