@@ -59,6 +59,7 @@ def tile_process(
     skip_empty: bool = False,
     ome: bool | None = None,
     label_name: str = "blockbuster",
+    seam_table: bool | str | Path = False,
 ) -> zarr.Array:
     """Segment an image of any size tile by tile and write one seamless labelling to zarr.
 
@@ -158,6 +159,11 @@ def tile_process(
         an output path ending in ``.ome.zarr``; a plain zarr array otherwise.
     label_name : str
         Name of the label image inside an OME-Zarr image.
+    seam_table : bool or path
+        Also write the seam report's table: one row per tile border (objects touching it,
+        matched, orphans that end there, ambiguous matches, flagged), tab-separated (commas
+        for a ``.csv`` path). True writes ``<output>.seams.tsv``. The summary is always in the
+        run report (``run_report(out).seams``; see :mod:`blockbuster.seams`).
 
     Returns
     -------
@@ -187,6 +193,7 @@ def tile_process(
     executor = executor_for(_active_client(client))
     target = resolve_output(output, source, work_dir, ome, label_name)
     table_path = _table_path(table, target)
+    seam_path = _seam_table_path(seam_table, target)
     previous = _previous_tile_chunks(target, tile_shape) if resume else None
     plan = make_plan(source, fn, info, tile_shape=tile_shape, overlap=overlap,
                      stitch=StitchOptions(stitch, iou_threshold, connectivity), use_gpu=use_gpu,
@@ -206,7 +213,7 @@ def tile_process(
         if done is not None:
             return done
         return execute(plan, target, work, manifest, executor=executor, progress=progress,
-                       table_path=table_path, keep_work=keep_work)
+                       table_path=table_path, keep_work=keep_work, seam_table=seam_path)
     finally:
         for lock in reversed(locks):
             lock.release()
@@ -341,6 +348,18 @@ def _table_path(table: Any, target: OutputTarget) -> Path | None:
     else:  # a store or URL: next to the work directory, on this machine
         base = target.work_path.with_name(target.work_path.name.removesuffix(WORK_SUFFIX))
     return base.with_name(base.name + ".objects.csv")
+
+
+def _seam_table_path(seam_table: Any, target: OutputTarget) -> Path | None:
+    if seam_table is False or seam_table is None:
+        return None
+    if isinstance(seam_table, (str, Path)):
+        return Path(seam_table)
+    if seam_table is not True:
+        raise InputError(f"seam_table={seam_table!r}: pass True, or a path (.tsv or .csv)")
+    objects = _table_path(True, target)
+    assert objects is not None  # table=True always names a path
+    return objects.with_name(objects.name.removesuffix(".objects.csv") + ".seams.tsv")
 
 
 def _check_table_path(path: Path, *, overwrite: bool) -> None:
