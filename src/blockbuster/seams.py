@@ -130,8 +130,8 @@ def control_stats(core: np.ndarray, linked_axes: tuple[int, ...], threshold: flo
     Examples
     --------
     >>> core = np.zeros((4, 6), int); core[:, 1:3] = 1; core[:2, 4:] = 2
-    >>> control_stats(core, (0, 1), 0.5).tolist()  # 2 ends between rows 1 and 2
-    [[3, 1, 0], [2, 0, 0]]
+    >>> control_stats(core, (0, 1), 0.5).tolist()  # 2 ends between rows 1 and 2, 1 at column 2
+    [[3, 1, 0], [1, 1, 0]]
     """
     out = np.zeros((len(linked_axes), 3), np.int64)
     for i, axis in enumerate(linked_axes):
