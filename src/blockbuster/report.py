@@ -79,6 +79,9 @@ class RunReport:
         The seam report (:mod:`blockbuster.seams`): per axis, the orphan and ambiguity rates at
         tile borders and at control planes inside tiles, the verdict (``"clean"``, ``"worse
         than controls"``, ``"no borders"``) and the worst borders. None without stitching.
+    overlap_auto : dict or None
+        With ``overlap="auto"``: the overlap ``chosen``, whether an exact one was ``found``, the
+        ``curve`` (figures per overlap tried) and the sample ``window``.
     """
 
     status: str
@@ -103,6 +106,7 @@ class RunReport:
     pid: int | None = None
     blockbuster_version: str | None = None
     seams: dict[str, Any] | None = None
+    overlap_auto: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -132,6 +136,7 @@ class RunRecorder:
         self.table: str | None = None
         self.statistics: dict[str, Any] = {}
         self.seams: dict[str, Any] | None = None
+        self.overlap_auto: dict[str, Any] | None = None
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -168,7 +173,8 @@ class RunRecorder:
             table=self.table, params=self.params, statistics=self.statistics,
             error=None if error is None else f"{type(error).__name__}: {error}",
             started=self.started_at, finished=_now(), host=socket.gethostname(),
-            pid=os.getpid(), blockbuster_version=__version__, seams=self.seams)
+            pid=os.getpid(), blockbuster_version=__version__, seams=self.seams,
+            overlap_auto=self.overlap_auto)
 
 
 def run_report(labels: Any) -> RunReport:

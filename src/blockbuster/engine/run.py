@@ -143,7 +143,8 @@ class EndResult:
 
 def execute(plan: RunPlan, target: OutputTarget, work: WorkDir, manifest: dict[str, Any], *,
             executor: Executor, progress: bool | None, table_path: Path | None,
-            keep_work: bool, seam_table: Path | None = None) -> zarr.Array:
+            keep_work: bool, seam_table: Path | None = None,
+            report_extra: dict[str, Any] | None = None) -> zarr.Array:
     """Steps 2-5 (see the module docstring); the work directory is prepared and locked.
 
     The run's report (:mod:`blockbuster.report`) is stored with the output; an error raised
@@ -154,6 +155,7 @@ def execute(plan: RunPlan, target: OutputTarget, work: WorkDir, manifest: dict[s
     recorder = RunRecorder(output=target.describe(), input=manifest["params"]["input"],
                            executor=executor.name, work_dir=str(work.path),
                            params=manifest["params"], tiles_total=grid.n_tiles)
+    recorder.overlap_auto = (report_extra or {}).get("overlap_auto")
     state = RunState(work, grid.n_tiles)
     writer: PackWriter | None = None
     try:
