@@ -9,12 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy import ndimage
+from test_stitching import local_threshold_watershed
 
 from blockbuster import run_report, tile_process
 from blockbuster.cli import main
 from blockbuster.seams import control_stats, pair_stats
-
-from test_stitching import local_threshold_watershed
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,12 @@ and keeps the smallest at which the tiled result equals the untiled one.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,8 @@ class TilingCheck:
     seams: dict[str, Any] | None
     seconds: dict[str, float]
     png: str | None = None
+    #: with ``overlap="auto"``: what :func:`choose_overlap` tried and chose
+    overlap_auto: dict[str, Any] | None = None
     tiled: np.ndarray | None = field(default=None, repr=False)
     untiled: np.ndarray | None = field(default=None, repr=False)
 
@@ -212,7 +215,8 @@ def preview_tiling(
         Tiles per axis in the window (fewer where the image has fewer).
     tile_shape, overlap, stitch, iou_threshold, connectivity, channel_axis, channels, use_gpu,
     memory
-        As for :func:`~blockbuster.tile_process`.
+        As for :func:`~blockbuster.tile_process` (``overlap="auto"``: chosen first by
+        :func:`choose_overlap`, on the same window).
     png : path, optional
         Write a picture: the untiled labels beside the tiled ones, the tile borders, and the
         voxels where the two disagree in red (the middle plane of a 3-D window).
@@ -236,6 +240,13 @@ def preview_tiling(
     """
     if isinstance(tiles, bool) or not isinstance(tiles, (int, np.integer)) or tiles < 1:
         raise InputError(f"tiles={tiles!r} must be a positive integer (tiles per axis)")
+    choice = None
+    if isinstance(overlap, str) and overlap.strip().lower() == "auto":
+        choice = choose_overlap(image, fn, tile_shape=tile_shape, stitch=stitch,
+                                iou_threshold=iou_threshold, connectivity=connectivity,
+                                channel_axis=channel_axis, channels=channels, use_gpu=use_gpu,
+                                memory=memory, tiles=tiles, at=at)
+        overlap = tuple(choice.chosen)
     win = _prepare(image, fn, at=at, tiles=tiles, tile_shape=tile_shape, overlap=overlap,
                    stitch=stitch, iou_threshold=iou_threshold, connectivity=connectivity,
                    channel_axis=channel_axis, channels=channels, use_gpu=use_gpu, memory=memory)
@@ -245,8 +256,9 @@ def preview_tiling(
     figures = _figures(whole, tiled)
     check = TilingCheck([[w.start, w.stop] for w in win.window], win.tile, list(win.depth),
                         win.mode, win.plan.fn_label, figures, seams,
-                        {"tiled": tiled_s, "untiled": untiled_s})
-    log.info("preview of %s on %s: %s", win.plan.fn_label, _describe(check.window),
+                        {"tiled": tiled_s, "untiled": untiled_s},
+                        overlap_auto=None if choice is None else choice.as_dict())
+    log.debug("preview of %s on %s: %s", win.plan.fn_label, _describe(check.window),
              _verdict(check))
     if png is not None:
         check.png = str(_draw(png, win, whole, tiled, check))
@@ -289,8 +301,9 @@ class _Window:
 
         start = time.perf_counter()
         name = "tiled-" + "-".join(map(str, depth)) + ".zarr"
-        out = tile_process(self.data, self.plan.fn, tuple(self.tile), tuple(depth),
-                           stitch=mode or self.mode, output=tmp / name, **self._common())
+        with _quiet_runs():
+            out = tile_process(self.data, self.plan.fn, tuple(self.tile), tuple(depth),
+                               stitch=mode or self.mode, output=tmp / name, **self._common())
         return np.asarray(out[:]), run_report(out).seams, round(time.perf_counter() - start, 3)
 
     def untiled(self, tmp: Path) -> tuple[np.ndarray, float]:
@@ -301,9 +314,27 @@ class _Window:
         start = time.perf_counter()
         shape = [n for a, n in enumerate(self.data.shape) if a != self.source.tile_channel_axis]
         whole = [-(-n // s) * s for n, s in zip(shape, self.step, strict=True)]
-        out = tile_process(self.data, self.plan.fn, tuple(whole), 0, stitch="faces",
-                           output=tmp / "untiled.zarr", **self._common())
+        with _quiet_runs():
+            out = tile_process(self.data, self.plan.fn, tuple(whole), 0, stitch="faces",
+                               output=tmp / "untiled.zarr", **self._common())
         return np.asarray(out[:]), round(time.perf_counter() - start, 3)
+
+
+@contextlib.contextmanager
+def _quiet_runs() -> Iterator[None]:
+    """The window's runs log warnings only, and not the seam warning (the caller reports the
+    comparison, seams included)."""
+    def no_seams(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("the tile borders look worse")
+
+    level = log.level
+    log.setLevel(max(level, logging.WARNING))
+    log.addFilter(no_seams)
+    try:
+        yield
+    finally:
+        log.removeFilter(no_seams)
+        log.setLevel(level)
 
 
 def _prepare(image: Any, fn: Any, *, at: Sequence[int] | None, tiles: int, tile_shape: Any,
@@ -355,8 +386,8 @@ def _draw(path: str | Path, win: _Window, whole: np.ndarray, tiled: np.ndarray,
     left, right = grey.copy(), grey.copy()
     _draw_labels(left, whole[lead], 0.0)
     bad = disagreement(whole, tiled)[lead]
-    right[bad] = 0.45 * right[bad] + 0.55 * _DISAGREE_RGB
     _draw_labels(right, tiled[lead], 0.0)
+    right[bad] = 0.3 * right[bad] + 0.7 * _DISAGREE_RGB  # over the outlines: it must stand out
     linked = grid.linked_axes
     bounds = [grid.starts[a][1:-1] - w.start for a, w in zip(linked[-2:], window[-2:],
                                                                 strict=True)]

@@ -273,7 +273,7 @@ def _record_seams(plan: RunPlan, recorder: RunRecorder, committer: Committer,
             write_seam_table(seams, names, seam_table)
     if seams.worse:
         log.warning("%s", flag_text(recorder.seams))
-    else:
+    elif seams.borders:
         log.info("seams: %s (%d borders, %d flagged)", seams.verdict, seams.borders,
                  seams.flagged)
 
