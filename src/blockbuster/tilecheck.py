@@ -38,6 +38,8 @@ log = logging.getLogger("blockbuster")
 SAMPLED_TILES = 4096
 #: Voxels per axis of the patch read from the middle of each sampled tile.
 PATCH = 32
+#: A window smaller than this (pixels) is drawn enlarged.
+_MIN_SIDE = 512
 _DISAGREE_RGB = np.array([255, 40, 40], np.float32)
 
 
@@ -172,7 +174,9 @@ def _window_start(grid: Any, source: ImageSource, at: Sequence[int] | None, tile
     for v, s, g in zip(at, starts, grid_shape, strict=True):
         k = min(tiles, g)
         i = int(np.searchsorted(s, v, side="right")) - 1  # the tile holding the voxel
-        first.append(min(max(0, i - (k - 1) // 2), g - k))
+        # k even: one more tile on the side of the tile's half that holds the voxel
+        low_half = k % 2 == 0 and v - s[i] < (s[i + 1] - s[i]) / 2
+        first.append(min(max(0, i - (k // 2 if low_half else (k - 1) // 2)), g - k))
     return tuple(first)
 
 
@@ -395,11 +399,14 @@ def _draw(path: str | Path, win: _Window, whole: np.ndarray, tiled: np.ndarray,
     gap = np.full((plane.shape[0], 8, 3), 255, np.float32)
     picture = Image.fromarray(np.round(np.concatenate([left, gap, right], axis=1))
                               .astype(np.uint8), mode="RGB")
+    zoom = max(1, _MIN_SIDE // max(plane.shape))  # a small window is shown larger
+    if zoom > 1:
+        picture = picture.resize((picture.width * zoom, picture.height * zoom),
+                                 Image.Resampling.NEAREST)
     draw = ImageDraw.Draw(picture)
     f = check.figures
-    for x, text in ((4, "untiled"),
-                    (plane.shape[1] + 12, f"tiled: F1 {f['f1']:.3f}, {f['fused']} fused, "
-                                          f"{f['split']} split (red: disagree)")):
+    title = f"tiled: F1 {f['f1']:.3f}, {f['fused']} fused, {f['split']} split (red: disagree)"
+    for x, text in ((4, "untiled"), (zoom * (plane.shape[1] + 8) + 4, title)):
         _, _, r, b = draw.textbbox((x, 2), text)
         draw.rectangle((x - 2, 0, r + 2, b + 2), fill=(0, 0, 0))
         draw.text((x, 2), text, fill=(255, 255, 255))
