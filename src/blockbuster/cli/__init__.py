@@ -121,6 +121,7 @@ def build_parser() -> Parser:
     from .methods import add_methods_command
     from .preview import add_preview_command
     from .segment import add_segment_command
+    from .view import add_view_command
 
     parser = Parser(prog=PROG, formatter_class=HelpFormatter, epilog=MAIN_EPILOG,
                     description="Segment microscopy images far larger than memory, tile by "
@@ -131,6 +132,7 @@ def build_parser() -> Parser:
     add_segment_command(commands)
     add_info_command(commands)
     add_preview_command(commands)
+    add_view_command(commands)
     add_methods_command(commands)
     add_demo_command(commands)
     add_analysis_commands(commands)
