@@ -35,17 +35,25 @@ def _source_of_input(params: dict[str, Any]) -> Any:
         return None
     if "://" not in where and not Path(where).exists():
         return None
-    options = {k: params[k] for k in ("dataset", "series") if params.get(k) is not None}
+    options = {k: params[k] for k in ("series", "channels") if params.get(k) is not None}
     if params.get("level"):
         options["level"] = params["level"]
-    if params.get("channels") is not None:
-        options["channels"] = params["channels"]
-    try:
-        return open_image(where, params.get("channel_axis"), **options)
-    except Exception as exc:  # noqa: BLE001 -- the labels are still worth showing alone
-        log.warning("the run's input %s cannot be opened (%s); showing the labels alone",
-                    where, exc)
-        return None
+    # An OME-Zarr's dataset is its level's array, whose calibration lives in the image's
+    # metadata: opened as an image first, and through the dataset when that is not the input.
+    tries = [options, {**options, "dataset": params["dataset"]}] if params.get("dataset") \
+        else [options]
+    error: Exception | None = None
+    for opts in tries:
+        try:
+            source = open_image(where, params.get("channel_axis"), **opts)
+        except Exception as exc:  # noqa: BLE001 -- the labels are still worth showing alone
+            error = exc
+            continue
+        if list(source.shape) == list(params.get("shape", source.shape)):
+            return source
+    log.warning("the run's input %s cannot be opened as it was (%s); showing the labels alone",
+                where, error or "another shape")
+    return None
 
 
 def _labels_scale(path: Path, ndim: int, source: Any) -> tuple[list[float], list[float]]:
@@ -74,7 +82,7 @@ def border_points(seams: dict[str, Any] | None, params: dict[str, Any],
     >>> params = {"tile_chunks": [[64, 64], [64, 64]]}
     >>> points, features = border_points(seams, params)
     >>> points.tolist(), features["orphans"].tolist()
-    ([[32.0, 64.0]], [5])
+    ([[31.5, 64.0]], [5])
     """
     from .tiling import TileGrid
 
