@@ -18,11 +18,12 @@ match of the stitcher at a border), else it is an *orphan*: it ends exactly ther
 is *ambiguous* when its footprint on the pair overlaps a partner across with an IoU between
 0.2 and the stitcher's threshold, or overlaps two partners (each 20% or more of it).
 
-On a good run the orphan rate at the borders is that of the control planes (objects end
-somewhere; the borders are no special place). A border whose rate is far above it (binomial
-test) is flagged; a run whose borders, taken together, are worse than its controls gets a
-warning naming the worst borders. The report is stored with the output's run report
-(``report.seams``); :func:`write_seam_table` writes one row per border.
+On a good run the orphan and ambiguity rates at the borders are those of the control planes
+(objects end somewhere; the borders are no special place). A border whose orphan rate is far
+above it (binomial test) is flagged; a run whose borders, taken together, have far more
+orphans or ambiguous objects than its controls gets a warning naming the worst borders. The
+report is stored with the output's run report (``report.seams``); :func:`write_seam_table`
+writes one row per border.
 """
 
 from __future__ import annotations
@@ -286,7 +287,10 @@ class SeamReport:
             seam = rows[mine][:, [4, 6, 7]].sum(axis=0) if mine.any() else np.zeros(3, np.int64)
             p = _expected_rate(control[axis])
             worse, pv = _worse(int(seam[_ORPH]), int(seam[_OBJ]), p)
-            bad_axes += worse
+            # ambiguous matches (objects cut another way on each side) count as much
+            amb_worse, amb_pv = _worse(int(seam[_AMB]), int(seam[_OBJ]),
+                                       float((control[axis][_AMB] + 1) / (control[axis][_OBJ] + 2)))
+            bad_axes += worse or amb_worse
             for i in np.flatnonzero(mine):
                 n, k = int(rows[i, 4]), int(rows[i, 6])
                 flags[i], pvalues[i] = _worse(k, n, p)
@@ -304,7 +308,9 @@ class SeamReport:
                             "ambiguous": int(control[axis][_AMB]),
                             "ambiguous_rate": _rate(int(control[axis][_AMB]),
                                                     int(control[axis][_OBJ]))},
-                "worse": worse, "p_value": float(f"{pv:.3g}")})
+                "worse": worse or amb_worse, "orphans_worse": worse,
+                "ambiguous_worse": amb_worse, "p_value": float(f"{pv:.3g}"),
+                "ambiguous_p_value": float(f"{amb_pv:.3g}")})
         # the worst borders: flagged ones first, then those merely suspect (one border holds
         # few objects: a run can be worse than its controls with no border flagged alone)
         order = np.lexsort((-excess, pvalues))
@@ -331,10 +337,14 @@ def flag_text(seams: dict[str, Any], limit: int = 5) -> str:
     """The warning of a run whose borders look worse than its controls (one paragraph)."""
     parts = []
     for ax in seams.get("axes", []):
-        if ax.get("worse"):
-            parts.append(f"along {ax['axis']} {_pct(ax['seam']['orphan_rate'])} of the objects "
-                         f"at tile borders end there, {_pct(ax['control']['orphan_rate'])} at "
-                         "control planes inside tiles")
+        seam, control = ax["seam"], ax["control"]
+        if ax.get("orphans_worse", ax.get("worse")):
+            parts.append(f"along {ax['axis']} {_pct(seam['orphan_rate'])} of the objects at "
+                         f"tile borders end there, {_pct(control['orphan_rate'])} at control "
+                         "planes inside tiles")
+        if ax.get("ambiguous_worse"):
+            parts.append(f"along {ax['axis']} {_pct(seam['ambiguous_rate'])} of them are "
+                         f"matched ambiguously, {_pct(control['ambiguous_rate'])} inside tiles")
     worst = seams.get("worst", [])[:limit]
     named = "; ".join(f"tiles {w['tile_a']}|{w['tile_b']} at {w['axis']}={w['position']} "
                       f"({w['orphans']} of {w['objects']} end there)" for w in worst)
