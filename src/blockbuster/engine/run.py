@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from ..errors import InputError, OutputExistsError, writing
+from ..errors import InputError, OutputExistsError, WorkDirError, writing
 from ..output import (
     FORMAT_VERSION,
     LabelView,
@@ -73,7 +73,7 @@ def check_locations(target: OutputTarget, work: WorkDir, inputs: list[Path | Non
     if work.exists():
         try:
             claimed = work.read_manifest().get("output") == target.describe()
-        except InputError:
+        except (InputError, WorkDirError):  # a damaged manifest proves nothing
             claimed = False
     target.check_location(inputs, claimed=claimed)
     paths = [p for p in (*inputs, target.path) if p is not None]
