@@ -13,7 +13,7 @@ from test_stitching import local_threshold_watershed
 
 from blockbuster import run_report, tile_process
 from blockbuster.cli import main
-from blockbuster.seams import control_stats, pair_stats
+from blockbuster.seams import CONTROL_PLANES, control_positions, control_stats, pair_stats
 
 
 @pytest.fixture(scope="module")
@@ -54,15 +54,40 @@ def test_pair_stats_ambiguity() -> None:
     assert pair_stats(a, a)[2] == 0
 
 
-def test_control_planes_are_the_middle_of_the_core() -> None:
+def test_control_planes_are_drawn_and_next_to_the_faces() -> None:
     core = np.zeros((6, 6, 6), np.int32)
-    core[:3, :, :3] = 1  # ends between planes 2 and 3 along z and x: the control plane pairs
+    core[:3, :, :3] = 1  # ends between planes 2 and 3 along z and x
     core[3:, :, 4:] = 2
-    stats = control_stats(core, (0, 1, 2), 0.5)
-    assert stats.shape == (3, 3)
-    assert stats[0].tolist() == [2, 2, 0]
-    assert stats[1].tolist() == [4, 0, 0]
-    assert stats[2].tolist() == [1, 1, 0]
+    stats = control_stats(core, (0, 1, 2), 0.5, tile_id=7)
+    assert stats.shape == (3, CONTROL_PLANES + 2, 3)
+    for i, axis in enumerate((0, 1, 2)):
+        drawn = control_positions(6, 7, axis)
+        assert len(drawn) == CONTROL_PLANES and len(set(drawn.tolist())) == CONTROL_PLANES
+        for j, p in enumerate(drawn):
+            expected = pair_stats(np.take(core, p - 1, axis), np.take(core, p, axis))
+            assert stats[i, j].tolist() == expected.tolist()
+    assert stats[0, -2].tolist() == [2, 0, 0]  # z planes 0|1: object 1 goes on
+    assert stats[0, -1].tolist() == [2, 0, 0]  # z planes 4|5: object 2 goes on
+    assert stats[1, -2].tolist() == [4, 0, 0]  # along y both objects go on everywhere
+    # another tile draws other places (borders all lie at one phase of the grid)
+    assert any(control_positions(64, t, 0).tolist() != control_positions(64, 0, 0).tolist()
+               for t in range(1, 4))
+
+
+def test_rows_of_objects_at_every_border_are_not_a_bad_seam() -> None:
+    """Objects in rows whose ends all fall on the tile borders: the same at the planes next to
+    the faces, so the run is clean (it equals the untiled one)."""
+    labels = np.zeros((240, 240), np.int32)
+    n = 0
+    for y0 in range(0, 240, 12):  # rows of 10 x 10 squares, a row ending at every 12th plane
+        for x0 in range(1, 239, 12):
+            n += 1
+            labels[y0 + 1:y0 + 11 + (y0 % 24 == 0), x0:x0 + 10] = n
+    out = tile_process(labels, lambda t: t.astype(np.int32), (60, 60), 4, stitch="iou",
+                       progress=False)
+    assert np.array_equal(out[:] > 0, labels > 0)
+    seams = _seams(out)
+    assert seams["verdict"] == "clean", seams["axes"]
 
 
 def _seams(out):

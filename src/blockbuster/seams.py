@@ -7,9 +7,10 @@ from what it has anyway, with no extra pass over the image:
 
 * at each border between two face neighbours, the stitcher's matches say which objects
   touching the border on one side go on, with the same global label, on the other side;
-* inside every tile, two *control planes* (the middle of the core, on each tiled axis) are
-  measured alike in the tile's task: there the labels are one tile's own, so an object that
-  ends there really ends.
+* inside every tile, *control plane pairs* are measured alike in the tile's task: four pairs
+  of neighbouring planes drawn at places that differ from tile to tile, and the two pairs just
+  inside its faces, on each tiled axis. There the labels are one tile's own, so an object
+  that ends there really ends.
 
 For a plane pair (the last plane before a border and the first after it, or the two control
 planes), each object touching either plane is counted once per plane it touches
@@ -19,9 +20,13 @@ is *ambiguous* when its footprint on the pair overlaps a partner across with an 
 0.2 and the stitcher's threshold, or overlaps two partners (each 20% or more of it).
 
 On a good run the orphan and ambiguity rates at the borders are those of the control planes
-(objects end somewhere; the borders are no special place). A border whose orphan rate is far
-above it (binomial test) is flagged; a run whose borders, taken together, have far more
-orphans or ambiguous objects than its controls gets a warning naming the worst borders. The
+(objects end somewhere; the borders are no special place). A run whose borders, taken
+together along an axis, have far more orphans or ambiguous objects than both kinds of control
+planes (a one-sided test whose variance is widened by how much the rate varies from plane to
+plane; at least :data:`MIN_OBJECTS` objects) gets a warning naming its worst borders; a
+border far above the controls on its own is flagged. Comparing with the pairs next to the
+faces as well keeps a sample whose objects lie in rows (every border at the same phase of
+them) from looking like a bad run. The
 report is stored with the output's run report (``report.seams``); :func:`write_seam_table`
 writes one row per border.
 """
@@ -38,19 +43,24 @@ import numpy as np
 
 from .tiling import Region, Tile, TileGrid
 
-__all__ = ["AMBIGUOUS_IOU", "SeamRecorder", "control_stats", "flag_text", "pair_stats",
-           "seam_planes", "write_seam_table"]
+__all__ = ["AMBIGUOUS_IOU", "SeamRecorder", "control_positions", "control_stats", "flag_text",
+           "pair_stats", "seam_planes", "write_seam_table"]
 
 #: An object overlapping a partner across a plane pair with an IoU above this, but not above
 #: the stitcher's threshold, is ambiguous (and so is one overlapping two partners this much).
 AMBIGUOUS_IOU = 0.2
 #: A border (or a run's borders taken together) is worse than the controls when its orphans
-#: are this unlikely at the control rate (binomial upper tail) ...
+#: are this unlikely at the control rate (upper tail, the spread from plane to plane
+#: included) ...
 P_VALUE = 1e-3
 #: ... and its orphan rate is at least this many times the control rate.
 RATE_RATIO = 1.5
 #: A border this unlikely at the control rate is listed among the worst (not flagged).
 SUSPECT_P = 0.05
+#: Control plane pairs per tile and axis.
+CONTROL_PLANES = 4
+#: Fewer objects than this at a run's borders along an axis (or at one border) say nothing.
+MIN_OBJECTS = 30
 #: The worst borders kept in the stored report (all of them go to the seam table).
 WORST_KEPT = 20
 #: Columns of a border row (and of the seam table).
@@ -58,6 +68,9 @@ COLUMNS = ("tile_a", "tile_b", "axis", "position", "objects", "matched", "orphan
            "ambiguous")
 # indices of the counts in a stats triple
 _OBJ, _ORPH, _AMB = 0, 1, 2
+# the control sums a recorder keeps per axis
+_CONTROL_SUMS = ("planes", "objects", "orphans", "orphans2_per_object", "ambiguous",
+                 "ambiguous2_per_object")
 
 
 def _labels_of(plane: np.ndarray) -> np.ndarray:
@@ -121,27 +134,57 @@ def _ambiguous(va: np.ndarray, vb: np.ndarray, threshold: float) -> int:
     return len(flagged_a) + len(flagged_b)
 
 
-def control_stats(core: np.ndarray, linked_axes: tuple[int, ...], threshold: float,
-                  ) -> np.ndarray:
-    """Per tiled axis, :func:`pair_stats` of the two planes at the middle of a tile's core.
+def control_positions(n: int, tile_id: int, axis: int, planes: int = CONTROL_PLANES,
+                      ) -> np.ndarray:
+    """Where a tile's control plane pairs lie along an axis of ``n`` voxels: ``p`` stands for
+    the pair ``(p - 1, p)``.
 
-    Returns an array ``(len(linked_axes), 3)``; a core one voxel deep along an axis has no
-    plane pair there (zeros).
+    The positions are drawn per tile and axis (the same in every run): borders all lie at one
+    phase of the tile grid, so controls at one fixed place in every tile could all fall where
+    a regular structure of the sample (cells in rows, a lattice) happens to end, or never.
+
+    Examples
+    --------
+    >>> control_positions(64, 3, 0).tolist() == control_positions(64, 3, 0).tolist()
+    True
+    >>> len(control_positions(64, 3, 0)), control_positions(2, 0, 0).tolist()
+    (4, [1])
+    """
+    if n < 2:
+        return np.zeros(0, np.int64)
+    rng = np.random.default_rng([int(tile_id), int(axis), 0x5EA4])
+    k = min(planes, n - 1)
+    return np.sort(rng.choice(np.arange(1, n), size=k, replace=False)).astype(np.int64)
+
+
+def control_stats(core: np.ndarray, linked_axes: tuple[int, ...], threshold: float,
+                  tile_id: int = 0, planes: int = CONTROL_PLANES) -> np.ndarray:
+    """Per tiled axis, :func:`pair_stats` of a tile's control plane pairs.
+
+    Returns an array ``(len(linked_axes), planes + 2, 3)``: first the ``planes`` pairs drawn
+    inside the core (:func:`control_positions`), then the two pairs just inside its faces
+    (planes 0 and 1, and the last two), which lie a plane away from the borders. Pairs an axis
+    does not have are zeros.
 
     Examples
     --------
     >>> core = np.zeros((4, 6), int); core[:, 1:3] = 1; core[:2, 4:] = 2
-    >>> control_stats(core, (0, 1), 0.5).tolist()  # 2 ends between rows 1 and 2, 1 at column 2
-    [[3, 1, 0], [1, 1, 0]]
+    >>> stats = control_stats(core, (0, 1), 0.5, planes=1)
+    >>> stats.shape, stats[0, 1:].tolist()  # along y: rows 0|1 and 2|3
+    ((2, 3, 3), [[4, 0, 0], [2, 0, 0]])
+    >>> stats[1, 1:].tolist()  # along x: columns 0|1 (1 starts), columns 4|5 (2 goes on)
+    [[1, 1, 0], [2, 0, 0]]
     """
-    out = np.zeros((len(linked_axes), 3), np.int64)
+    out = np.zeros((len(linked_axes), planes + 2, 3), np.int64)
     for i, axis in enumerate(linked_axes):
         n = core.shape[axis]
         if n < 2:
             continue
-        mid = n // 2
-        out[i] = pair_stats(np.take(core, mid - 1, axis=axis), np.take(core, mid, axis=axis),
-                            threshold=threshold)
+        drawn = control_positions(n, tile_id, axis, planes).tolist()
+        for j, p in enumerate([*drawn, *[0] * (planes - len(drawn)), 1, n - 1]):
+            if p:
+                out[i, j] = pair_stats(np.take(core, p - 1, axis=axis),
+                                       np.take(core, p, axis=axis), threshold=threshold)
     return out
 
 
@@ -205,15 +248,23 @@ class SeamRecorder:
     tiles_without_controls: int = 0
 
     def __post_init__(self) -> None:
-        self.control = np.zeros((self.grid.ndim, 3), np.int64)
+        self.control = np.zeros((self.grid.ndim, len(_CONTROL_SUMS)), np.float64)
+        self.near = np.zeros((self.grid.ndim, len(_CONTROL_SUMS)), np.float64)
 
     def add_control(self, stats: np.ndarray | None) -> None:
-        """A tile's control-plane figures (:func:`control_stats`), from its record."""
+        """A tile's control-plane figures (:func:`control_stats`), from its record.
+
+        Only sums are kept (plane pairs, objects, and per count its sum and its sum of
+        squares over objects), enough for the rate and its spread from plane to plane.
+        """
         if stats is None or not self.active:
             self.tiles_without_controls += 1
             return
-        for i, axis in enumerate(self.grid.linked_axes):
-            self.control[axis] += np.asarray(stats[i], np.int64)
+        linked = self.grid.linked_axes
+        stats = np.asarray(stats, np.float64).reshape(len(linked), -1, 3)
+        for i, axis in enumerate(linked):
+            self.control[axis] += _sums(stats[i][:-2])
+            self.near[axis] += _sums(stats[i][-2:])
 
     def add_border(self, a: Tile, b: Tile, offset: tuple[int, ...], a_arrays: Any,
                    b_arrays: Any, la: np.ndarray, lb: np.ndarray) -> None:
@@ -236,31 +287,62 @@ class SeamRecorder:
             return None
         names = axis_names or [str(a) for a in range(self.grid.ndim)]
         return SeamReport.build(np.array(self.rows, np.int64).reshape(-1, len(COLUMNS)),
-                                self.control, names, self.grid.linked_axes)
+                                self.control, self.near, names, self.grid.linked_axes)
+
+
+def _sums(pairs: np.ndarray) -> np.ndarray:
+    """The control sums (``_CONTROL_SUMS``) of plane pairs ``(k, 3)``."""
+    pairs = pairs[pairs[:, _OBJ] > 0]
+    n = pairs[:, _OBJ]
+    return np.array([len(pairs), n.sum(), pairs[:, _ORPH].sum(), (pairs[:, _ORPH] ** 2 / n).sum(),
+                     pairs[:, _AMB].sum(), (pairs[:, _AMB] ** 2 / n).sum()])
 
 
 def _rate(k: int, n: int) -> float | None:
     return round(k / n, 4) if n else None
 
 
-def _upper_tail(k: int, n: int, p: float) -> float:
-    """P(X >= k) for X ~ Binomial(n, p)."""
-    from scipy.stats import binom
+@dataclass(frozen=True)
+class _Baseline:
+    """A count's rate at the control planes, and how much it varies from plane to plane."""
 
-    return float(binom.sf(k - 1, n, p)) if k > 0 else 1.0
+    rate: float
+    dispersion: float
+
+    @classmethod
+    def of(cls, sums: np.ndarray, count: int) -> _Baseline:
+        """From a recorder's control sums; ``count``: ``_ORPH`` or ``_AMB``."""
+        units, n = sums[0], sums[1]
+        k, k2n = (sums[2], sums[3]) if count == _ORPH else (sums[4], sums[5])
+        rate = float((k + 1) / (n + 2))  # shrunk toward 1/2: a few controls never give 0
+        if units < 2 or n == 0:
+            return cls(rate, 1.0)
+        # Pearson's chi-squared of the planes around the pooled rate, per degree of freedom:
+        # objects of one plane are not independent (cells in rows end together), so the
+        # binomial spread understates how much a plane's rate varies
+        chi2 = (k2n - 2 * rate * k + rate**2 * n) / (rate * (1 - rate))
+        return cls(rate, max(1.0, float(chi2 / (units - 1))))
+
+    def test(self, k: int, n: int) -> tuple[bool, float]:
+        """Whether ``k`` of ``n`` is worse than the baseline, and the one-sided p-value (a
+        normal approximation, the variance widened by the dispersion)."""
+        if n == 0:
+            return False, 1.0
+        from scipy.stats import norm
+
+        expected = n * self.rate
+        z = (k - expected) / math.sqrt(self.dispersion * n * self.rate * (1 - self.rate))
+        pv = float(norm.sf(z))
+        return bool(pv < P_VALUE and k >= RATE_RATIO * expected and n >= MIN_OBJECTS), pv
 
 
-def _expected_rate(control: np.ndarray) -> float:
-    """The control orphan rate, shrunk a little toward 1/2 so that few controls never give 0."""
-    return float((control[_ORPH] + 1) / (control[_OBJ] + 2))
-
-
-def _worse(k: int, n: int, p: float) -> tuple[bool, float]:
-    """Whether ``k`` orphans of ``n`` are worse than rate ``p``, and the p-value."""
-    if n == 0:
-        return False, 1.0
-    pv = _upper_tail(k, n, p)
-    return bool(pv < P_VALUE and k / n >= RATE_RATIO * p), pv
+def _control_figures(sums: np.ndarray, orphans: _Baseline, ambiguous: _Baseline,
+                     ) -> dict[str, Any]:
+    n, k_orph, k_amb = int(sums[1]), int(sums[2]), int(sums[4])
+    return {"planes": int(sums[0]), "objects": n, "orphans": k_orph,
+            "orphan_rate": _rate(k_orph, n), "ambiguous": k_amb,
+            "ambiguous_rate": _rate(k_amb, n),
+            "dispersion": [round(orphans.dispersion, 3), round(ambiguous.dispersion, 3)]}
 
 
 @dataclass
@@ -276,8 +358,16 @@ class SeamReport:
     flags: np.ndarray
 
     @classmethod
-    def build(cls, rows: np.ndarray, control: np.ndarray, names: list[str],
+    def build(cls, rows: np.ndarray, control: np.ndarray, near: np.ndarray, names: list[str],
               linked: tuple[int, ...]) -> SeamReport:
+        """The report from the border rows and the control sums, per axis, of the planes drawn
+        inside the tiles (``control``) and of those next to their faces (``near``).
+
+        An axis is worse than its controls when its borders have more orphans (or ambiguous
+        objects) than both kinds of control planes: the drawn ones give the rate anywhere, the
+        near ones the rate at the phase of the tile grid (a sample whose objects lie in rows,
+        a lattice, can have many objects ending at every border plane without any seam).
+        """
         axes, bad_axes = [], 0
         flags = np.zeros(len(rows), bool)
         excess = np.zeros(len(rows))
@@ -285,32 +375,36 @@ class SeamReport:
         for axis in linked:
             mine = rows[:, 2] == axis
             seam = rows[mine][:, [4, 6, 7]].sum(axis=0) if mine.any() else np.zeros(3, np.int64)
-            p = _expected_rate(control[axis])
-            worse, pv = _worse(int(seam[_ORPH]), int(seam[_OBJ]), p)
-            # ambiguous matches (objects cut another way on each side) count as much
-            amb_worse, amb_pv = _worse(int(seam[_AMB]), int(seam[_OBJ]),
-                                       float((control[axis][_AMB] + 1) / (control[axis][_OBJ] + 2)))
+            n = int(seam[_OBJ])
+            verdicts = {}
+            for count, key in ((_ORPH, "orphans"), (_AMB, "ambiguous")):
+                anywhere, at_faces = _Baseline.of(control[axis], count), \
+                    _Baseline.of(near[axis], count)
+                worse_a, pv_a = anywhere.test(int(seam[count]), n)
+                worse_n, pv_n = at_faces.test(int(seam[count]), n)
+                verdicts[key] = (worse_a and worse_n, max(pv_a, pv_n))
+                if count == _ORPH:
+                    # a border is flagged against the higher of the two rates
+                    worst_rate = anywhere if anywhere.rate >= at_faces.rate else at_faces
+                    for i in np.flatnonzero(mine):
+                        flags[i], pvalues[i] = worst_rate.test(int(rows[i, 6]), int(rows[i, 4]))
+                        excess[i] = rows[i, 6] - rows[i, 4] * worst_rate.rate
+            worse, amb_worse = verdicts["orphans"][0], verdicts["ambiguous"][0]
             bad_axes += worse or amb_worse
-            for i in np.flatnonzero(mine):
-                n, k = int(rows[i, 4]), int(rows[i, 6])
-                flags[i], pvalues[i] = _worse(k, n, p)
-                excess[i] = k - n * p
             axes.append({
                 "axis": names[axis], "borders": int(mine.sum()),
-                "seam": {"objects": int(seam[_OBJ]), "orphans": int(seam[_ORPH]),
-                         "orphan_rate": _rate(int(seam[_ORPH]), int(seam[_OBJ])),
+                "seam": {"objects": n, "orphans": int(seam[_ORPH]),
+                         "orphan_rate": _rate(int(seam[_ORPH]), n),
                          "ambiguous": int(seam[_AMB]),
-                         "ambiguous_rate": _rate(int(seam[_AMB]), int(seam[_OBJ]))},
-                "control": {"objects": int(control[axis][_OBJ]),
-                            "orphans": int(control[axis][_ORPH]),
-                            "orphan_rate": _rate(int(control[axis][_ORPH]),
-                                                 int(control[axis][_OBJ])),
-                            "ambiguous": int(control[axis][_AMB]),
-                            "ambiguous_rate": _rate(int(control[axis][_AMB]),
-                                                    int(control[axis][_OBJ]))},
+                         "ambiguous_rate": _rate(int(seam[_AMB]), n)},
+                "control": _control_figures(control[axis], _Baseline.of(control[axis], _ORPH),
+                                            _Baseline.of(control[axis], _AMB)),
+                "near_border": _control_figures(near[axis], _Baseline.of(near[axis], _ORPH),
+                                                _Baseline.of(near[axis], _AMB)),
                 "worse": worse or amb_worse, "orphans_worse": worse,
-                "ambiguous_worse": amb_worse, "p_value": float(f"{pv:.3g}"),
-                "ambiguous_p_value": float(f"{amb_pv:.3g}")})
+                "ambiguous_worse": amb_worse,
+                "p_value": float(f"{verdicts['orphans'][1]:.3g}"),
+                "ambiguous_p_value": float(f"{verdicts['ambiguous'][1]:.3g}")})
         # the worst borders: flagged ones first, then those merely suspect (one border holds
         # few objects: a run can be worse than its controls with no border flagged alone)
         order = np.lexsort((-excess, pvalues))
@@ -330,7 +424,8 @@ class SeamReport:
     def as_dict(self) -> dict[str, Any]:
         return {"verdict": self.verdict, "borders": self.borders, "flagged": self.flagged,
                 "axes": self.axes, "worst": self.worst,
-                "ambiguous_iou": AMBIGUOUS_IOU, "p_value": P_VALUE, "rate_ratio": RATE_RATIO}
+                "ambiguous_iou": AMBIGUOUS_IOU, "p_value": P_VALUE, "rate_ratio": RATE_RATIO,
+                "min_objects": MIN_OBJECTS, "control_planes": CONTROL_PLANES}
 
 
 def flag_text(seams: dict[str, Any], limit: int = 5) -> str:

@@ -376,7 +376,7 @@ def summarize(ctx: TaskContext, tile: Tile, result: Any,
         core, n, counts = sequential_local_labels(labels[tile.inner])
         arrays = stitcher.boundary_arrays(tile, core)
     del labels, result
-    control = control_stats(core, ctx.grid.linked_axes, stitcher.iou_threshold) \
+    control = control_stats(core, ctx.grid.linked_axes, stitcher.iou_threshold, tile.id) \
         if stitcher.offsets() else None
     stats: dict[str, np.ndarray] = {}
     if ctx.table:
