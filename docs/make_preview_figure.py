@@ -39,8 +39,8 @@ def main() -> None:
         print(f"| {c['overlap'][0]} | {c['f1']:.3f} | {c['fused']} | {c['split']} | "
               f"{100 * c['voxels_one_to_one']:.2f}% | {c['seams']} |")
     print("\nseam reports of whole runs (2048 x 2048, 64 tiles):\n")
-    print("| overlap | verdict | axis | orphans at borders | orphans at controls | "
-          "ambiguous at borders | ambiguous at controls |")
+    print("| overlap | verdict | axis | orphans at borders | orphans at controls (drawn, next "
+          "to faces) | ambiguous at borders | ambiguous at controls |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as tmp:
         for overlap in (2, choice.chosen[0]):
@@ -49,11 +49,12 @@ def main() -> None:
             seams = run_report(out).seams
             assert seams is not None
             for ax in seams["axes"]:
-                s, c = ax["seam"], ax["control"]
+                s, c, f = ax["seam"], ax["control"], ax["near_border"]
                 print(f"| {overlap} | {seams['verdict']} | {ax['axis']} | "
                       f"{s['orphans']}/{s['objects']} ({100 * s['orphan_rate']:.1f}%) | "
-                      f"{c['orphans']}/{c['objects']} ({100 * c['orphan_rate']:.1f}%) | "
-                      f"{100 * s['ambiguous_rate']:.1f}% | {100 * c['ambiguous_rate']:.1f}% |")
+                      f"{100 * c['orphan_rate']:.1f}%, {100 * f['orphan_rate']:.1f}% | "
+                      f"{100 * s['ambiguous_rate']:.1f}% | {100 * c['ambiguous_rate']:.1f}%, "
+                      f"{100 * f['ambiguous_rate']:.1f}% |")
 
 
 if __name__ == "__main__":
