@@ -180,10 +180,12 @@ def seam_lines(seams: dict[str, Any], limit: int = 5) -> list[str]:
     lines = [head]
     for ax in seams.get("axes", []):
         seam, ctrl = ax["seam"], ax["control"]
+        near = ax.get("near_border", {})
         lines.append(f"  along {ax['axis']}: {pct(seam['orphan_rate'])} of "
                      f"{seam['objects']} objects end at borders ({pct(ctrl['orphan_rate'])} of "
-                     f"{ctrl['objects']} at control planes), {pct(seam['ambiguous_rate'])} "
-                     f"ambiguous ({pct(ctrl['ambiguous_rate'])})"
+                     f"{ctrl['objects']} at control planes, {pct(near.get('orphan_rate'))} next "
+                     f"to tile faces), {pct(seam['ambiguous_rate'])} ambiguous "
+                     f"({pct(ctrl['ambiguous_rate'])}, {pct(near.get('ambiguous_rate'))})"
                      + ("  <- worse" if ax.get("worse") else ""))
     worst = seams.get("worst", [])
     if worst and verdict != "clean":
