@@ -33,6 +33,7 @@ writes one row per border.
 
 from __future__ import annotations
 
+import array
 import csv
 import math
 from dataclasses import dataclass, field
@@ -243,7 +244,9 @@ class SeamRecorder:
     numbers_padded: bool
     threshold: float = 0.5
     active: bool = True
-    rows: list[tuple[int, ...]] = field(default_factory=list)
+    #: the border rows (``COLUMNS``), flat: 8 int64 per border (a list of tuples would take
+    #: ten times the memory on a run of a million tiles)
+    rows: array.array = field(default_factory=lambda: array.array("q"))
     control: np.ndarray = field(init=False)
     tiles_without_controls: int = 0
 
@@ -278,7 +281,7 @@ class SeamRecorder:
             return
         stats = pair_stats(planes[0], planes[1], la, lb, self.threshold)
         objects, orphans, ambiguous = (int(v) for v in stats)
-        self.rows.append((a.id, b.id, axis, int(a.core[axis].stop), objects,
+        self.rows.extend((a.id, b.id, axis, int(a.core[axis].stop), objects,
                           objects - orphans, orphans, ambiguous))
 
     def report(self, axis_names: list[str] | None = None) -> SeamReport | None:
@@ -286,7 +289,7 @@ class SeamRecorder:
         if not self.active:
             return None
         names = axis_names or [str(a) for a in range(self.grid.ndim)]
-        return SeamReport.build(np.array(self.rows, np.int64).reshape(-1, len(COLUMNS)),
+        return SeamReport.build(np.frombuffer(self.rows, np.int64).reshape(-1, len(COLUMNS)),
                                 self.control, self.near, names, self.grid.linked_axes)
 
 
