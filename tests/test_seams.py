@@ -157,3 +157,22 @@ def test_info_shows_the_seam_report(nuclei: np.ndarray, tmp_path: Path,
     assert main(["info", str(tmp_path / "o.zarr")]) == 0
     text = capsys.readouterr().out
     assert "seams:" in text and "along y:" in text and "at control planes" in text
+
+
+def test_cli_segment_prints_seams_and_writes_the_table(tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    import tifffile
+
+    from blockbuster.data import synthetic_nuclei
+
+    image, _ = synthetic_nuclei((384, 384), diameter=12, seed=2)
+    tifffile.imwrite(tmp_path / "img.tif", image)
+    out = tmp_path / "img.labels.zarr"
+    code = main(["-q", "segment", str(tmp_path / "img.tif"), str(out), "--tile-shape", "128,128",
+                 "--overlap", "auto", "--seam-table"])
+    text = capsys.readouterr().out
+    assert code == 0
+    assert "overlap: auto chose" in text and "seams:" in text and "along x:" in text
+    rows = list(csv.DictReader((tmp_path / "img.labels.zarr.seams.tsv").open(), delimiter="\t"))
+    assert len(rows) == 12  # 3 x 3 tiles: 2 * 3 * 2 borders
+    assert run_report(out).overlap_auto["chosen"] == run_report(out).params["depth"]

@@ -390,6 +390,12 @@ def _print_summary(out: zarr.Array, report: RunReport | None, elapsed: float) ->
     print(line)
     if report is not None and report.peak_memory_bytes:
         print(f"memory: peak {format_bytes(report.peak_memory_bytes)} in this process")
+    auto = report.overlap_auto if report is not None else None
+    if auto:
+        curve = ", ".join(f"{tuple(c['overlap'])}: F1 {c['f1']:.3f}" for c in auto["curve"])
+        print(f"overlap: auto chose {tuple(auto['chosen'])}"
+              + ("" if auto["found"] else " (none tried was exact: the largest)")
+              + f" [{curve}]")
     if report is not None and report.seams:
         from .info import seam_lines
 
