@@ -101,7 +101,7 @@ class RunPlan:
             "depth": list(self.grid.depth),
             "stitch": mode,
             "connectivity": self.stitch.connectivity if mode == "faces" else None,
-            "iou_threshold": self.stitch.iou_threshold if mode == "iou" else None,
+            "iou_threshold": self.stitch.iou_threshold if mode in ("iou", "whole") else None,
             "table": bool(self.table),
             "measure": bool(self.measure),
             "mask": None if mask is None else (
@@ -417,7 +417,7 @@ def _stitch_mode(stitch: str, info: SegmenterInfo, grid: TileGrid) -> str:
             preferred = "faces"
         return preferred or ("iou" if any(grid.depth) else "faces")
     if grid.n_tiles == 1 and stitch in STITCH_MODES:
-        return stitch if stitch != "iou" or any(grid.depth) else "faces"
+        return stitch if stitch not in ("iou", "whole") or any(grid.depth) else "faces"
     return stitch
 
 

@@ -307,8 +307,10 @@ def _end_pass(plan: RunPlan, committer: Committer, writer: PackWriter,
     for t in range(grid.n_tiles):
         entry = state.record(t)
         counts = entry.get("counts")
-        has_labels[t] = bool(counts[1:].any())
         glabels, _ = state.assigned_labels(t)
+        # stitch="whole": only the objects the tile kept are written from its own labels
+        has_labels[t] = bool(((counts[1:] > 0) & (glabels[1:] > 0)).any()) \
+            if committer.whole else bool(counts[1:].any())
         final = apply_changes(glabels, old, new)
         if reducer is not None and has_labels[t]:
             reducer.add({"counts": counts, **entry.get_prefixed("s:")}, final)
