@@ -313,7 +313,10 @@ def _end_pass(plan: RunPlan, committer: Committer, writer: PackWriter,
             if committer.whole else bool(counts[1:].any())
         final = apply_changes(glabels, old, new)
         if reducer is not None and has_labels[t]:
-            reducer.add({"counts": counts, **entry.get_prefixed("s:")}, final)
+            stats = entry.get_prefixed("s:")
+            if committer.whole:  # the objects it kept, measured whole (see tasks.summarize)
+                counts = np.where(final > 0, stats.pop("whole_counts"), 0)
+            reducer.add({"counts": counts, **stats}, final)
         if t not in state.fixed and old.size and np.isin(glabels, old).any():
             todo.append(t)
     log.info("%d objects; %d tile(s) hold labels joined or moved after they were written",
