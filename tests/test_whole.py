@@ -104,12 +104,12 @@ def test_the_object_table_measures_each_object_whole(image, tmp_path):
     table = pd.read_csv(str(tmp_path / "o.zarr") + ".objects.csv")
     sizes = np.bincount(labels.ravel())[1:]
     assert table["label"].tolist() == list(range(1, len(sizes) + 1))
-    assert table[[c for c in table.columns if "area" in c or "voxels" in c][0]].tolist() \
+    assert table[next(c for c in table.columns if "area" in c or "voxels" in c)].tolist() \
         == sizes.tolist()
 
 
 def test_overlap_zero_is_refused():
-    with pytest.raises(InputError, match="stitch='whole'.*overlap is 0"):
+    with pytest.raises(InputError, match=r"stitch='whole'.*overlap is 0"):
         tile_process(np.zeros((40, 40), np.uint8), redraw, (20, 20), 0, stitch="whole")
 
 

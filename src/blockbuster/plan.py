@@ -242,6 +242,8 @@ def make_plan(
     mode = _stitch_mode(stitch.mode, info, grid)
     check_mode(mode, grid.depth, stitch.connectivity, len(grid.linked_axes))
     resolved = StitchOptions(mode, float(stitch.iou_threshold), stitch.connectivity)
+    if mode == "whole":
+        _warn_whole_overlap(grid, info)
     if measure and not table:
         raise InputError("measure=True measures intensities for the object table: pass table=True "
                          "(or a table path) too")
@@ -419,6 +421,23 @@ def _stitch_mode(stitch: str, info: SegmenterInfo, grid: TileGrid) -> str:
     if grid.n_tiles == 1 and stitch in STITCH_MODES:
         return stitch if stitch not in ("iou", "whole") or any(grid.depth) else "faces"
     return stitch
+
+
+def _warn_whole_overlap(grid: TileGrid, info: SegmenterInfo) -> None:
+    """``stitch="whole"`` is exact when the overlap holds an object: say when it may not."""
+    linked = grid.linked_axes
+    try:
+        wanted = normalize_overlap(info.preferred_overlap or 0, len(linked))
+    except InputError:  # declared for other axes (e.g. per plane): nothing to compare with
+        return
+    depth = tuple(grid.depth[a] for a in linked)
+    short = [i for i, (d, w) in enumerate(zip(depth, wanted, strict=True))
+             if d == 0 or d < w]
+    if short and grid.n_tiles > 1:
+        log.warning("stitch='whole' takes each object from the one tile that saw it whole, which "
+                    "needs an overlap of about one object diameter; the overlap %s is smaller "
+                    "than %s on axis/axes %s: objects there may be cut in every tile", depth,
+                    wanted, ", ".join(str(i) for i in short))
 
 
 def n_tiles_of(tile_chunks: TileChunks) -> int:

@@ -84,7 +84,7 @@ def write_jobs(output: LabelView, grid: TileGrid, work_path: Any, jobs: list[Wri
         for job in jobs:
             tile = grid.tile(job.tile_id)
             if not job.spill and job.raw is not None:
-                labels = reader.entry(job.raw).get("labels")  # type: ignore[arg-type]
+                labels = reader.entry(job.raw).get("labels")
                 output[tile.core] = job.glabels.astype(output.dtype)[labels]
                 continue
             core = _whole_core(output.dtype, grid, tile, job, reader)
@@ -105,9 +105,8 @@ def _whole_core(dtype: np.dtype, grid: TileGrid, tile: Tile, job: WriteJob, read
         core = np.zeros(tuple(s.stop - s.start for s in tile.core), dtype)
     reached = job.raw is not None
     for part in job.spill:
-        entry = reader.entry(part.record)
         found = spill(grid, tile, grid.tile(part.tile_id),
-                      lambda name, e=entry: e.get("b:" + name) if "b:" + name in e else None)
+                      _LazyArrays(reader.entry(part.record), "b:").get)
         if found is None:
             continue
         region, local = found
