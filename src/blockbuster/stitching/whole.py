@@ -62,7 +62,7 @@ def object_margins(tile: Tile, grid: TileGrid, labels: np.ndarray) -> np.ndarray
     >>> grid = TileGrid((12,), (4,), depth=(2,))
     >>> labels = np.array([0, 1, 1, 0, 0, 0, 2, 2])  # the middle tile, padded [2:10]
     >>> object_margins(grid.tile(1), grid, labels).tolist()
-    [[0, 0], [1, 6], [0, 6]]
+    [[0, 0], [1, 5], [0, 6]]
     """
     axes = grid.linked_axes
     n = int(labels.max(initial=0))
