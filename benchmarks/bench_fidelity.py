@@ -167,7 +167,8 @@ def child(params: dict[str, Any]) -> list[dict[str, Any]]:
     n_objects = int(len(np.unique(reference)) - 1)
     rows = [{"model": name, "method": "whole image (reference)", "tile": "-", "overlap": "-",
              "seconds": whole_seconds, "f1": 1.0, "n_ref": n_objects, "n_out": n_objects,
-             "grid": _fmt(grid), "preferred_overlap": _fmt(default_overlap)}]
+             "grid": _fmt(grid), "preferred_overlap": _fmt(default_overlap),
+             "diameter": _fmt(object_diameter(reference))}]
     print(f"[{name}] grid {grid}, preferred overlap {seg.preferred_overlap}, "
           f"{rows[0]['n_ref']} objects in the whole-image prediction", file=sys.stderr, flush=True)
 
@@ -211,6 +212,17 @@ def child(params: dict[str, Any]) -> list[dict[str, Any]]:
             print(f"[{name}] {_line(row)}", file=sys.stderr, flush=True)
     shutil.rmtree(work, ignore_errors=True)
     return rows
+
+
+def object_diameter(labels: np.ndarray, q: float = 90) -> tuple[int, ...]:
+    """Per axis, the ``q``-th percentile of the objects' bounding-box extents (voxels)."""
+    from scipy import ndimage
+
+    boxes = [b for b in ndimage.find_objects(labels) if b is not None]
+    if not boxes:
+        return (0,) * labels.ndim
+    extents = np.array([[s.stop - s.start for s in b] for b in boxes])
+    return tuple(int(np.ceil(v)) for v in np.percentile(extents, q, axis=0))
 
 
 # -- the tools' own large-image modes -------------------------------------------------------------
@@ -443,19 +455,46 @@ def _cells(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def verdicts(rows: list[dict[str, Any]]) -> list[str]:
-    """One line per model: the worst blockbuster setting, on and off the grid."""
+    """Per model and stitch mode: the worst blockbuster setting, on and off the grid, and at an
+    overlap of at least one object diameter (the 90th percentile of the whole-image objects'
+    extents, per axis)."""
     out = []
     for name in sorted({r["model"] for r in rows}):
+        ref = next((r for r in rows if r["model"] == name and "diameter" in r), None)
+        diameter = _numbers(ref["diameter"]) if ref is not None else None
         mine = [r for r in rows if r["model"] == name and r.get("method") == "blockbuster"
                 and r.get("normalize") == "global" and "f1" in r]
-        for flag, label in ((True, "on the grid"), (False, "off the grid")):
-            sel = [r for r in mine if r.get("on_grid") is flag]
-            if sel:
-                worst = min(sel, key=lambda r: (r["f1"], r["voxels_one_to_one"]))
-                out.append(f"{name}, tiles {label}: worst F1 {worst['f1']:.3f}, worst 1:1 voxels "
-                           f"{100 * min(r['voxels_one_to_one'] for r in sel):.2f} % "
-                           f"({len(sel)} settings)")
+        for stitch in sorted({r["stitch"] for r in mine}):
+            of_mode = [r for r in mine if r["stitch"] == stitch]
+            groups: list[tuple[str, list[dict[str, Any]]]] = [
+                (f"tiles {label}", [r for r in of_mode if r.get("on_grid") is flag])
+                for flag, label in ((True, "on the grid"), (False, "off the grid"))]
+            if diameter is not None:
+                groups.append((f"overlap >= one object diameter {_fmt(diameter)}",
+                               [r for r in of_mode if _covers(r["overlap"], diameter)]))
+            for label, sel in groups:
+                if sel:
+                    worst = min(sel, key=lambda r: (r["f1"], r["voxels_one_to_one"]))
+                    out.append(f"{name}, stitch={stitch}, {label}: worst F1 {worst['f1']:.3f}, "
+                               "worst 1:1 voxels "
+                               f"{100 * min(r['voxels_one_to_one'] for r in sel):.2f} % "
+                               f"({len(sel)} settings)")
     return out
+
+
+def _numbers(text: str) -> tuple[int, ...]:
+    """The integers of a shape written by :func:`_fmt` (``"8"``, ``"(4, 8, 8)"``)."""
+    import re
+
+    return tuple(int(v) for v in re.findall(r"\d+", text.split("(default)")[0]))
+
+
+def _covers(overlap: str, diameter: Sequence[int]) -> bool:
+    values = _numbers(overlap)
+    if len(values) == 1:
+        values = values * len(diameter)
+    return len(values) == len(diameter) and all(o >= d for o, d in
+                                                  zip(values, diameter, strict=True))
 
 
 if __name__ == "__main__":
