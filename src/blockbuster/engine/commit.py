@@ -13,10 +13,18 @@ the same, id for id, whoever ran which tile and in whatever order they finished.
 At the end (:meth:`Committer.finish`), the few tiles holding labels that a later tile joined
 (a U shape closing) are rewritten, after a backup of what they held, so that the final labels
 are consecutive, 1..N.
+
+With ``stitch="whole"`` (:mod:`blockbuster.stitching.whole`) every tile is kept (record and
+raw core labels) when it arrives: the frontier tile is assigned once its neighbours *after* it
+are segmented too (which of its objects it keeps depends on their versions of them), and its
+core is written once its last neighbour is assigned (a :class:`WriteJob` with the neighbours'
+records, whose kept objects spill into it). Nothing is merged, so nothing is rewritten at the
+end; a resumed run queues the assigned tiles not yet written the same way.
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
@@ -160,7 +168,7 @@ class Committer:
         #: ``stitch="whole"``: a tile is assigned once its later neighbours are segmented, and
         #: written once all its neighbours are assigned (these wait for that)
         self.whole = stitcher.whole_objects
-        self._to_write: set[int] = set()
+        self._to_write: list[tuple[int, int]] = []  # heap: (its last neighbour, tile)
         self._glabels_cache: OrderedDict[int, np.ndarray] = OrderedDict()
         if self.whole:
             self._window *= 2  # the records of later neighbours are read too
@@ -287,7 +295,7 @@ class Committer:
         self.state.note("asg", tile_id, ref, {"written": written})
         if self.whole:
             self._remember_glabels(tile_id, glabels)
-            self._to_write.add(tile_id)
+            self._wait_for_neighbours(tile_id)
         elif raw is not None:
             self._pending_jobs.append(WriteJob(tile_id, EntryRef.from_json(raw), glabels))
 
@@ -305,7 +313,8 @@ class Committer:
         too, and their writes returned.
         """
         if self.whole:  # written once their neighbours are assigned (see advance)
-            self._to_write.update(self.unwritten())
+            for t in self.unwritten():
+                self._wait_for_neighbours(t)
             return self.advance()
         jobs = []
         for t in self.unwritten():
@@ -350,15 +359,20 @@ class Committer:
             self._to_uint64()
             return self.book.assign(kept, none, none)
 
+    def _wait_for_neighbours(self, tile_id: int) -> None:
+        """Queue an assigned tile's write until its last neighbour in grid order is assigned
+        (tiles are assigned in grid order: then they all are)."""
+        tile = self.grid.tile(tile_id)
+        last = max([n.id for n in self._whole_stitcher.all_neighbours(tile)], default=tile_id)
+        heapq.heappush(self._to_write, (last, tile_id))
+
     def _whole_jobs(self) -> list[WriteJob]:
         """The writes of the waiting tiles whose neighbours are all assigned now."""
         jobs = []
-        for t in sorted(self._to_write):
+        while self._to_write and self._to_write[0][0] < self.frontier:
+            _, t = heapq.heappop(self._to_write)
             tile = self.grid.tile(t)
             neighbours = self._whole_stitcher.all_neighbours(tile)
-            if not all(n.id in self.state.assignment for n in neighbours):
-                continue
-            self._to_write.discard(t)
             raw = self._record(t).meta.get("raw")
             spills = []
             for n in neighbours:
