@@ -431,8 +431,9 @@ def _warn_whole_overlap(grid: TileGrid, info: SegmenterInfo) -> None:
     except InputError:  # declared for other axes (e.g. per plane): nothing to compare with
         return
     depth = tuple(grid.depth[a] for a in linked)
-    short = [i for i, (d, w) in enumerate(zip(depth, wanted, strict=True))
-             if d == 0 or d < w]
+    planes = [grid.tile_shape[a] == 1 for a in linked]  # one plane per tile: never stitched
+    short = [i for i, (d, w, p) in enumerate(zip(depth, wanted, planes, strict=True))
+             if not p and (d < w or d == 0)]
     if short and grid.n_tiles > 1:
         log.warning("stitch='whole' takes each object from the one tile that saw it whole, which "
                     "needs an overlap of about one object diameter; the overlap %s is smaller "
