@@ -435,10 +435,11 @@ def _warn_whole_overlap(grid: TileGrid, info: SegmenterInfo) -> None:
     short = [i for i, (d, w, p) in enumerate(zip(depth, wanted, planes, strict=True))
              if not p and (d < w or d == 0)]
     if short and grid.n_tiles > 1:
+        than = f"the segmenter's {wanted}" if any(wanted) else "one object diameter"
         log.warning("stitch='whole' takes each object from the one tile that saw it whole, which "
-                    "needs an overlap of about one object diameter; the overlap %s is smaller "
-                    "than %s on axis/axes %s: objects there may be cut in every tile", depth,
-                    wanted, ", ".join(str(i) for i in short))
+                    "needs an overlap of about one object diameter; the overlap %s is less than "
+                    "%s on axis/axes %s: objects crossing tile borders there may be cut in every "
+                    "tile that reads them", depth, than, ", ".join(str(i) for i in short))
 
 
 def n_tiles_of(tile_chunks: TileChunks) -> int:
