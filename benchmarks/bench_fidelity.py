@@ -61,7 +61,7 @@ DEFAULT_OVERLAY = Path("/work/venv/cellpose3-overlay")
 SWEEP_2D = {
     "settings": [(128, 16, None), (128, 32, None), (129, 32, None), (129, 32, "up"),
                  (129, 32, "nearest"), (176, 32, None), (177, 32, None), (177, 32, "up"),
-                 (128, 24, None), (144, 32, None)],
+                 (128, 24, None), (144, 32, None), (128, 48, None)],
     "tile_norm": [(128, 32, None), (176, 32, None)],
     "own": [(128, 32), (176, 32)],
 }

@@ -123,3 +123,23 @@ def test_margins_and_the_order_of_versions():
     ma, mb = np.array([[1, 5], [1, 5]]), np.array([[0, 9], [1, 5]])
     assert better_versions(ma, mb, a_wins_ties=False).tolist() == [True, False]
     assert better_versions(ma, mb, a_wins_ties=True).tolist() == [True, True]
+
+
+def test_an_overlap_short_of_the_segmenters_is_named(caplog):
+    from blockbuster import Segmenter
+
+    class Discs(Segmenter):
+        preferred_overlap = 12
+        preferred_stitch = "whole"
+
+        def segment(self, tile: np.ndarray) -> np.ndarray:
+            return redraw(tile)
+
+    img = np.zeros((40, 40), np.uint8)
+    with caplog.at_level("WARNING", logger="blockbuster"):
+        tile_process(img, Discs(), (20, 20), (12, 4), progress=False)
+    assert "overlap (12, 4) is less than the segmenter's (12, 12) on axis/axes 1" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="blockbuster"):
+        tile_process(img, Discs(), (20, 20), progress=False)  # its own overlap, its own mode
+    assert "stitch='whole'" not in caplog.text

@@ -415,7 +415,7 @@ def _spatial_part(source: ImageSource, tile_chunks: TileChunks) -> TileChunks:
 def _stitch_mode(stitch: str, info: SegmenterInfo, grid: TileGrid) -> str:
     if stitch == "auto":
         preferred = info.preferred_stitch
-        if preferred == "iou" and not any(grid.depth):
+        if preferred in ("iou", "whole") and not any(grid.depth):
             preferred = "faces"
         return preferred or ("iou" if any(grid.depth) else "faces")
     if grid.n_tiles == 1 and stitch in STITCH_MODES:
