@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _fidelity import compare, load_pair
 from train_models import EVAL, read_manifest, up_to_date
 
-from _common import OUT, ROOT, command_line, format_table, parse_args, report
+from _common import OUT, ROOT, command_line, format_table, parse_args, report, verdict
 
 WORK = OUT / "fidelity_work"
 DEFAULT_OVERLAY = Path("/work/venv/cellpose3-overlay")
@@ -427,7 +427,14 @@ def main() -> None:
                                    ("overlap", "preferred overlap"), ("config", "config")]),
         "Tiled vs whole-image prediction of the same model:": format_table(table_rows, COLUMNS),
     }
-    report("bench_fidelity", "Seam fidelity with learned models", tables, verdicts(rows),
+    if len(stitch) > 1:
+        side, side_columns = modes_side_by_side(rows, stitch)
+        tables = {f"Stitch modes side by side (normalize global; F1 / 1:1 voxels %; >= diam.: "
+                  "the overlap holds one object diameter, the 90th percentile of the "
+                  "whole-image objects' extents per axis):": format_table(side, side_columns),
+                  **tables}
+    report("bench_fidelity", "Seam fidelity with learned models", tables,
+           target_verdicts(rows) + verdicts(rows),
            {"models": models, "rows": rows, "stitch": stitch},
            command_line(__file__, args.quick, *(["--stitch", args.stitch]
                                                 if args.stitch != "iou" else [])))
@@ -480,6 +487,53 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
                                f"{100 * min(r['voxels_one_to_one'] for r in sel):.2f} % "
                                f"({len(sel)} settings)")
     return out
+
+
+#: Targets at an overlap of at least one object diameter with stitch="whole": (F1, 1:1 voxels)
+#: per image dimensionality.
+TARGETS = {2: (1.0, 0.999), 3: (0.99, 0.99)}
+
+
+def target_verdicts(rows: list[dict[str, Any]], stitch: str = "whole") -> list[str]:
+    """MET/MISSED per model: the worst ``stitch`` setting whose overlap holds one diameter."""
+    out = []
+    for name in sorted({r["model"] for r in rows}):
+        ref = next((r for r in rows if r["model"] == name and "diameter" in r), None)
+        if ref is None:
+            continue
+        diameter = _numbers(ref["diameter"])
+        f1_target, voxel_target = TARGETS[len(diameter)]
+        sel = [r for r in rows if r["model"] == name and r.get("method") == "blockbuster"
+               and r.get("normalize") == "global" and r.get("stitch") == stitch and "f1" in r
+               and _covers(r["overlap"], diameter)]
+        if sel:
+            label = f"{name} stitch={stitch}, overlap >= one object diameter {_fmt(diameter)}"
+            out.append(verdict(f"{label}: worst F1", min(r["f1"] for r in sel), ">=",
+                               f1_target, ".3f"))
+            out.append(verdict(f"{label}: worst 1:1 voxels %",
+                               100 * min(r["voxels_one_to_one"] for r in sel), ">=",
+                               100 * voxel_target, ".2f"))
+    return out
+
+
+def modes_side_by_side(rows: list[dict[str, Any]], modes: list[str],
+                       ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """One row per (model, tile, overlap), F1 and 1:1 voxels of each stitch mode."""
+    side: dict[tuple[str, str, str], dict[str, Any]] = {}
+    diameters = {r["model"]: _numbers(r["diameter"]) for r in rows if "diameter" in r}
+    for r in rows:
+        if r.get("method") != "blockbuster" or r.get("normalize") != "global":
+            continue
+        key = (r["model"], r["tile"], r["overlap"])
+        cell = side.setdefault(key, {"model": key[0], "tile": key[1], "overlap": key[2],
+                                     "on_grid": r.get("on_grid"),
+                                     "covers": "yes" if key[0] in diameters and _covers(
+                                         key[2], diameters[key[0]]) else "no"})
+        cell[r["stitch"]] = (f"{r['f1']:.3f} / {100 * r['voxels_one_to_one']:.2f}"
+                             if "f1" in r else r.get("error", "-"))
+    columns = [("model", "model"), ("tile", "tile"), ("overlap", "overlap"),
+               ("on_grid", "on grid"), ("covers", ">= diam.")] + [(m, m) for m in modes]
+    return list(side.values()), columns
 
 
 def _numbers(text: str) -> tuple[int, ...]:

@@ -23,7 +23,7 @@ from _common import OUT, ROOT
 
 DOCS = ROOT / "docs" / "benchmarks"
 NAMES = ("bench_memory", "bench_connected_components", "bench_overhead", "bench_stitching",
-         "bench_parallel", "bench_whole_image")
+         "bench_parallel", "bench_whole_image", "bench_fidelity")
 
 
 def section(name: str) -> str | None:
@@ -33,7 +33,10 @@ def section(name: str) -> str | None:
         return None
     lines = path.read_text().splitlines()
     body = [line for line in lines if not line.startswith("## ")]
-    return "\n".join(body).strip() + f"\n\n![{name}](docs/benchmarks/{name}.png)"
+    text = "\n".join(body).strip()
+    if (OUT / f"{name}.png").exists():  # some benchmarks are tables only
+        text += f"\n\n![{name}](docs/benchmarks/{name}.png)"
+    return text
 
 
 def summary(names: list[str]) -> str:
@@ -78,7 +81,8 @@ def main() -> int:
             continue
         text = updated
         included.append(name)
-        shutil.copy(OUT / f"{name}.png", DOCS / f"{name}.png")
+        if (OUT / f"{name}.png").exists():
+            shutil.copy(OUT / f"{name}.png", DOCS / f"{name}.png")
         print(f"{name}: updated")
     text = replace(text, "summary", summary(included)) or text
     target.write_text(text)
