@@ -429,7 +429,7 @@ def main() -> None:
     }
     if len(stitch) > 1:
         side, side_columns = modes_side_by_side(rows, stitch)
-        tables = {f"Stitch modes side by side (normalize global; F1 / 1:1 voxels %; >= diam.: "
+        tables = {"Stitch modes side by side (normalize global; F1 / 1:1 voxels %; >= diam.: "
                   "the overlap holds one object diameter, the 90th percentile of the "
                   "whole-image objects' extents per axis):": format_table(side, side_columns),
                   **tables}
