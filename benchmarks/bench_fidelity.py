@@ -54,6 +54,8 @@ from train_models import EVAL, read_manifest, up_to_date
 from _common import OUT, ROOT, command_line, format_table, parse_args, report, verdict
 
 WORK = OUT / "fidelity_work"
+#: every measured row, saved after each model (``--from-rows`` makes the tables again)
+ROWS = OUT / "bench_fidelity.rows.json"
 DEFAULT_OVERLAY = Path("/work/venv/cellpose3-overlay")
 
 #: The sweep per model: (tile, overlap, align) settings with normalize="global"; then the
@@ -388,12 +390,18 @@ def main() -> None:
                             help="comma-separated stitch modes to sweep (default: iou)")
         parser.add_argument("--cellpose3-overlay", type=Path, default=DEFAULT_OVERLAY,
                             help="folder holding Cellpose 3, put first on PYTHONPATH")
+        parser.add_argument("--from-rows", type=Path, default=None,
+                            help=f"make the tables from the rows an earlier run saved ({ROWS})")
 
     args = parse_args(__doc__.split("\n")[0], extra)
     stitch = [m.strip() for m in args.stitch.split(",") if m.strip()]
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     rows: list[dict[str, Any]] = []
     models: dict[str, Any] = {}
+    if args.from_rows:  # only the tables again, from the rows of an earlier run
+        saved = json.loads(args.from_rows.read_text())
+        rows, models = saved["rows"], saved["models"]
+        names = []
     for name in names:
         if not up_to_date(name):
             print(f"{name}: no trained model with the current settings; run "
@@ -406,6 +414,7 @@ def main() -> None:
         start = time.perf_counter()
         rows += run_model(name, sweep, stitch, args.cellpose3_overlay)
         print(f"{name}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+        ROWS.write_text(json.dumps({"rows": rows, "models": models}, default=str))
     table_rows = [_cells(row) for row in rows]
     declared = {r["model"]: r for r in rows if "grid" in r}
     quality = [{"model": n, "train_s": f"{m['train_seconds']:.0f}",
@@ -502,7 +511,7 @@ def target_verdicts(rows: list[dict[str, Any]], stitch: str = "whole") -> list[s
         if ref is None:
             continue
         diameter = _numbers(ref["diameter"])
-        f1_target, voxel_target = TARGETS[len(diameter)]
+        f1_target, voxel_target = TARGETS[3 if name == "stardist3d" else 2]
         sel = [r for r in rows if r["model"] == name and r.get("method") == "blockbuster"
                and r.get("normalize") == "global" and r.get("stitch") == stitch and "f1" in r
                and _covers(r["overlap"], diameter)]
@@ -544,11 +553,12 @@ def _numbers(text: str) -> tuple[int, ...]:
 
 
 def _covers(overlap: str, diameter: Sequence[int]) -> bool:
-    values = _numbers(overlap)
-    if len(values) == 1:
-        values = values * len(diameter)
-    return len(values) == len(diameter) and all(o >= d for o, d in
-                                                  zip(values, diameter, strict=True))
+    values, wanted = _numbers(overlap), tuple(diameter)
+    n = max(len(values), len(wanted))
+    values, wanted = (values * n if len(values) == 1 else values,
+                      wanted * n if len(wanted) == 1 else wanted)
+    return len(values) == len(wanted) and all(o >= d for o, d in
+                                                zip(values, wanted, strict=True))
 
 
 if __name__ == "__main__":
