@@ -27,7 +27,9 @@ So the Committer (:mod:`blockbuster.engine.commit`) assigns a tile's labels once
 *after* it in grid order are segmented too (each kept object gets a new label: there is nothing
 to merge), and writes its core once all its neighbours are assigned: a tile waits for about
 one row (2-D) or one plane (3-D) of tiles ahead of it, kept meanwhile as its record and its
-core's raw labels, the memory of a boundary. Every output chunk is written once.
+core's raw labels, the memory of a boundary. Every output chunk is written once. The cost: every
+tile's raw core labels pass through the work directory's pack files (compressed, deleted with it
+at the end), where the other modes keep only the tiles that finish ahead of their turn.
 
 Exact results need an overlap of at least one object diameter on every axis: an object then
 lies whole inside the read region of the tile whose core holds its centre. With less, large
