@@ -51,9 +51,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _fidelity import compare, load_pair
 from train_models import EVAL, read_manifest, up_to_date
 
-from _common import OUT, ROOT, command_line, format_table, parse_args, report
+from _common import OUT, ROOT, command_line, format_table, parse_args, report, verdict
 
 WORK = OUT / "fidelity_work"
+#: every measured row, saved after each model (``--from-rows`` makes the tables again)
+ROWS = OUT / "bench_fidelity.rows.json"
 DEFAULT_OVERLAY = Path("/work/venv/cellpose3-overlay")
 
 #: The sweep per model: (tile, overlap, align) settings with normalize="global"; then the
@@ -61,7 +63,7 @@ DEFAULT_OVERLAY = Path("/work/venv/cellpose3-overlay")
 SWEEP_2D = {
     "settings": [(128, 16, None), (128, 32, None), (129, 32, None), (129, 32, "up"),
                  (129, 32, "nearest"), (176, 32, None), (177, 32, None), (177, 32, "up"),
-                 (128, 24, None), (144, 32, None)],
+                 (128, 24, None), (144, 32, None), (128, 48, None)],
     "tile_norm": [(128, 32, None), (176, 32, None)],
     "own": [(128, 32), (176, 32)],
 }
@@ -167,7 +169,8 @@ def child(params: dict[str, Any]) -> list[dict[str, Any]]:
     n_objects = int(len(np.unique(reference)) - 1)
     rows = [{"model": name, "method": "whole image (reference)", "tile": "-", "overlap": "-",
              "seconds": whole_seconds, "f1": 1.0, "n_ref": n_objects, "n_out": n_objects,
-             "grid": _fmt(grid), "preferred_overlap": _fmt(default_overlap)}]
+             "grid": _fmt(grid), "preferred_overlap": _fmt(default_overlap),
+             "diameter": _fmt(object_diameter(reference))}]
     print(f"[{name}] grid {grid}, preferred overlap {seg.preferred_overlap}, "
           f"{rows[0]['n_ref']} objects in the whole-image prediction", file=sys.stderr, flush=True)
 
@@ -211,6 +214,17 @@ def child(params: dict[str, Any]) -> list[dict[str, Any]]:
             print(f"[{name}] {_line(row)}", file=sys.stderr, flush=True)
     shutil.rmtree(work, ignore_errors=True)
     return rows
+
+
+def object_diameter(labels: np.ndarray, q: float = 90) -> tuple[int, ...]:
+    """Per axis, the ``q``-th percentile of the objects' bounding-box extents (voxels)."""
+    from scipy import ndimage
+
+    boxes = [b for b in ndimage.find_objects(labels) if b is not None]
+    if not boxes:
+        return (0,) * labels.ndim
+    extents = np.array([[s.stop - s.start for s in b] for b in boxes])
+    return tuple(int(np.ceil(v)) for v in np.percentile(extents, q, axis=0))
 
 
 # -- the tools' own large-image modes -------------------------------------------------------------
@@ -376,12 +390,18 @@ def main() -> None:
                             help="comma-separated stitch modes to sweep (default: iou)")
         parser.add_argument("--cellpose3-overlay", type=Path, default=DEFAULT_OVERLAY,
                             help="folder holding Cellpose 3, put first on PYTHONPATH")
+        parser.add_argument("--from-rows", type=Path, default=None,
+                            help=f"make the tables from the rows an earlier run saved ({ROWS})")
 
     args = parse_args(__doc__.split("\n")[0], extra)
     stitch = [m.strip() for m in args.stitch.split(",") if m.strip()]
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     rows: list[dict[str, Any]] = []
     models: dict[str, Any] = {}
+    if args.from_rows:  # only the tables again, from the rows of an earlier run
+        saved = json.loads(args.from_rows.read_text())
+        rows, models = saved["rows"], saved["models"]
+        names = []
     for name in names:
         if not up_to_date(name):
             print(f"{name}: no trained model with the current settings; run "
@@ -394,6 +414,7 @@ def main() -> None:
         start = time.perf_counter()
         rows += run_model(name, sweep, stitch, args.cellpose3_overlay)
         print(f"{name}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+        ROWS.write_text(json.dumps({"rows": rows, "models": models}, default=str))
     table_rows = [_cells(row) for row in rows]
     declared = {r["model"]: r for r in rows if "grid" in r}
     quality = [{"model": n, "train_s": f"{m['train_seconds']:.0f}",
@@ -415,7 +436,14 @@ def main() -> None:
                                    ("overlap", "preferred overlap"), ("config", "config")]),
         "Tiled vs whole-image prediction of the same model:": format_table(table_rows, COLUMNS),
     }
-    report("bench_fidelity", "Seam fidelity with learned models", tables, verdicts(rows),
+    if len(stitch) > 1:
+        side, side_columns = modes_side_by_side(rows, stitch)
+        tables = {"Stitch modes side by side (normalize global; F1 / 1:1 voxels %; >= diam.: "
+                  "the overlap holds one object diameter, the 90th percentile of the "
+                  "whole-image objects' extents per axis):": format_table(side, side_columns),
+                  **tables}
+    report("bench_fidelity", "Seam fidelity with learned models", tables,
+           target_verdicts(rows) + verdicts(rows),
            {"models": models, "rows": rows, "stitch": stitch},
            command_line(__file__, args.quick, *(["--stitch", args.stitch]
                                                 if args.stitch != "iou" else [])))
@@ -443,19 +471,94 @@ def _cells(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def verdicts(rows: list[dict[str, Any]]) -> list[str]:
-    """One line per model: the worst blockbuster setting, on and off the grid."""
+    """Per model and stitch mode: the worst blockbuster setting, on and off the grid, and at an
+    overlap of at least one object diameter (the 90th percentile of the whole-image objects'
+    extents, per axis)."""
     out = []
     for name in sorted({r["model"] for r in rows}):
+        ref = next((r for r in rows if r["model"] == name and "diameter" in r), None)
+        diameter = _numbers(ref["diameter"]) if ref is not None else None
         mine = [r for r in rows if r["model"] == name and r.get("method") == "blockbuster"
                 and r.get("normalize") == "global" and "f1" in r]
-        for flag, label in ((True, "on the grid"), (False, "off the grid")):
-            sel = [r for r in mine if r.get("on_grid") is flag]
-            if sel:
-                worst = min(sel, key=lambda r: (r["f1"], r["voxels_one_to_one"]))
-                out.append(f"{name}, tiles {label}: worst F1 {worst['f1']:.3f}, worst 1:1 voxels "
-                           f"{100 * min(r['voxels_one_to_one'] for r in sel):.2f} % "
-                           f"({len(sel)} settings)")
+        for stitch in sorted({r["stitch"] for r in mine}):
+            of_mode = [r for r in mine if r["stitch"] == stitch]
+            groups: list[tuple[str, list[dict[str, Any]]]] = [
+                (f"tiles {label}", [r for r in of_mode if r.get("on_grid") is flag])
+                for flag, label in ((True, "on the grid"), (False, "off the grid"))]
+            if diameter is not None:
+                groups.append((f"overlap >= one object diameter {_fmt(diameter)}",
+                               [r for r in of_mode if _covers(r["overlap"], diameter)]))
+            for label, sel in groups:
+                if sel:
+                    worst = min(sel, key=lambda r: (r["f1"], r["voxels_one_to_one"]))
+                    out.append(f"{name}, stitch={stitch}, {label}: worst F1 {worst['f1']:.3f}, "
+                               "worst 1:1 voxels "
+                               f"{100 * min(r['voxels_one_to_one'] for r in sel):.2f} % "
+                               f"({len(sel)} settings)")
     return out
+
+
+#: Targets at an overlap of at least one object diameter with stitch="whole": (F1, 1:1 voxels)
+#: per image dimensionality.
+TARGETS = {2: (1.0, 0.999), 3: (0.99, 0.99)}
+
+
+def target_verdicts(rows: list[dict[str, Any]], stitch: str = "whole") -> list[str]:
+    """MET/MISSED per model: the worst ``stitch`` setting whose overlap holds one diameter."""
+    out = []
+    for name in sorted({r["model"] for r in rows}):
+        ref = next((r for r in rows if r["model"] == name and "diameter" in r), None)
+        if ref is None:
+            continue
+        diameter = _numbers(ref["diameter"])
+        f1_target, voxel_target = TARGETS[3 if name == "stardist3d" else 2]
+        sel = [r for r in rows if r["model"] == name and r.get("method") == "blockbuster"
+               and r.get("normalize") == "global" and r.get("stitch") == stitch and "f1" in r
+               and _covers(r["overlap"], diameter)]
+        if sel:
+            label = f"{name} stitch={stitch}, overlap >= one object diameter {_fmt(diameter)}"
+            out.append(verdict(f"{label}: worst F1", min(r["f1"] for r in sel), ">=",
+                               f1_target, ".3f"))
+            out.append(verdict(f"{label}: worst 1:1 voxels %",
+                               100 * min(r["voxels_one_to_one"] for r in sel), ">=",
+                               100 * voxel_target, ".2f"))
+    return out
+
+
+def modes_side_by_side(rows: list[dict[str, Any]], modes: list[str],
+                       ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """One row per (model, tile, overlap), F1 and 1:1 voxels of each stitch mode."""
+    side: dict[tuple[str, str, str], dict[str, Any]] = {}
+    diameters = {r["model"]: _numbers(r["diameter"]) for r in rows if "diameter" in r}
+    for r in rows:
+        if r.get("method") != "blockbuster" or r.get("normalize") != "global":
+            continue
+        key = (r["model"], r["tile"], r["overlap"])
+        cell = side.setdefault(key, {"model": key[0], "tile": key[1], "overlap": key[2],
+                                     "on_grid": r.get("on_grid"),
+                                     "covers": "yes" if key[0] in diameters and _covers(
+                                         key[2], diameters[key[0]]) else "no"})
+        cell[r["stitch"]] = (f"{r['f1']:.3f} / {100 * r['voxels_one_to_one']:.2f}"
+                             if "f1" in r else r.get("error", "-"))
+    columns = [("model", "model"), ("tile", "tile"), ("overlap", "overlap"),
+               ("on_grid", "on grid"), ("covers", ">= diam.")] + [(m, m) for m in modes]
+    return list(side.values()), columns
+
+
+def _numbers(text: str) -> tuple[int, ...]:
+    """The integers of a shape written by :func:`_fmt` (``"8"``, ``"(4, 8, 8)"``)."""
+    import re
+
+    return tuple(int(v) for v in re.findall(r"\d+", text.split("(default)")[0]))
+
+
+def _covers(overlap: str, diameter: Sequence[int]) -> bool:
+    values, wanted = _numbers(overlap), tuple(diameter)
+    n = max(len(values), len(wanted))
+    values, wanted = (values * n if len(values) == 1 else values,
+                      wanted * n if len(wanted) == 1 else wanted)
+    return len(values) == len(wanted) and all(o >= d for o, d in
+                                                zip(values, wanted, strict=True))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """Run tile_process in a child process that kills itself (SIGKILL) at a chosen moment.
 
 Usage: python fault_child.py IMAGE OUTPUT CALL_LOG KILL_POINT N [--resume] [--overwrite]
-                             [--ome] [inverse] [--workers]
+                             [--ome] [inverse] [--workers] [--whole]
 
 KILL_POINT: none | segment | chunk-write | record | assign | fix | fix-written | finalize |
             cleanup
 N: the N-th time that moment is reached, the process dies with no chance to clean up.
+--whole: stitch="whole" (else "iou").
 """
 
 from __future__ import annotations
@@ -113,6 +114,7 @@ def main() -> None:
         state.PackWriter.append = append
     elif point == "assign":  # while a tile is matched and labelled
         _wrap(commit.Committer, "_assign", before=lambda *a, **k: tick())
+        _wrap(commit.Committer, "_assign_whole", before=lambda *a, **k: tick())
     elif point == "fix":  # at the start of rewriting a tile joined late
         _wrap(run, "_fix_tile", before=lambda *a, **k: tick())
     elif point == "fix-written":  # a tile rewritten, its "fix" entry not yet appended
@@ -129,6 +131,7 @@ def main() -> None:
     elif point == "cleanup":  # part of the work directory deleted
         _wrap(state, "_remove_entry", after=lambda *a, **k: tick())
     fn = Segment(log_path, n if point == "segment" else None, inverse=inverse)
+    stitch = "whole" if "--whole" in sys.argv else "iou"
     kwargs = {"output": output} if not ome else {}
     if "--workers" in sys.argv:  # the tiles on a local dask cluster of 2 worker processes
         from distributed import Client
@@ -136,11 +139,11 @@ def main() -> None:
         from blockbuster.cluster import local_cluster
 
         with local_cluster(2, memory_limit="2GiB") as cluster, Client(cluster) as client:
-            api.tile_process(image, fn, (30, 30), 4, stitch="iou", resume=resume,
+            api.tile_process(image, fn, (30, 30), 4, stitch=stitch, resume=resume,
                              overwrite=overwrite, table=True, progress=False, client=client,
                              **kwargs)
         return
-    api.tile_process(image, fn, (30, 30), 4, stitch="iou", resume=resume, overwrite=overwrite,
+    api.tile_process(image, fn, (30, 30), 4, stitch=stitch, resume=resume, overwrite=overwrite,
                      table=True, progress=False, **kwargs)
 
 

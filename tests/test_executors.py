@@ -32,8 +32,8 @@ def tilings(draw):
     rng = np.random.default_rng(seed)
     mask = comb_mask((120, 120)) | (rng.random((120, 120)) < draw(st.floats(0.0, 0.5)))
     tile_shape = (draw(st.integers(9, 60)), draw(st.integers(9, 60)))
-    mode = draw(st.sampled_from(["faces", "iou"]))
-    overlap = draw(st.integers(1 if mode == "iou" else 0, 8))
+    mode = draw(st.sampled_from(["faces", "iou", "whole"]))
+    overlap = draw(st.integers(1 if mode in ("iou", "whole") else 0, 8))
     return mask, tile_shape, overlap, mode, seed
 
 

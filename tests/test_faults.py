@@ -48,10 +48,10 @@ def image_path(tmp_path_factory) -> str:
 
 
 def _child(image, output, log, point="none", n=0, resume=False, overwrite=False, ome=False,
-           inverse=False, workers=False) -> int:
+           inverse=False, workers=False, whole=False) -> int:
     args = [sys.executable, str(CHILD), image, str(output), str(log), point, str(n)]
     flags = {"--resume": resume, "--overwrite": overwrite, "--ome": ome, "inverse": inverse,
-             "--workers": workers}
+             "--workers": workers, "--whole": whole}
     args += [flag for flag, on in flags.items() if on]
     return subprocess.run(args, capture_output=True).returncode
 
@@ -94,6 +94,39 @@ def test_sigkill_then_resume_equals_uninterrupted(point, n, image_path, uninterr
     assert np.array_equal(blockbuster.open_labels(out)[:], uninterrupted)
     assert not work.path.exists()
     assert Path(str(out) + ".objects.csv").exists()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_whole(image_path, tmp_path_factory) -> np.ndarray:
+    tmp = tmp_path_factory.mktemp("ref-whole")
+    assert _child(image_path, tmp / "ref.zarr", tmp / "log", whole=True) == 0
+    return zarr.open_array(str(tmp / "ref.zarr"))[:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point, n, first, then", [
+    ("segment", 1, "serial", "serial"), ("segment", 7, "serial", "serial"),
+    ("segment", 16, "serial", "serial"), ("chunk-write", 1, "serial", "serial"),
+    ("chunk-write", 6, "serial", "serial"), ("record", 5, "serial", "serial"),
+    ("assign", 1, "serial", "serial"), ("assign", 6, "serial", "serial"),
+    ("finalize", 1, "serial", "serial"), ("segment", 9, "serial", "cluster"),
+    ("assign", 4, "cluster", "serial"), ("assign", 8, "cluster", "cluster"),
+])
+def test_whole_objects_sigkill_then_resume_equals_uninterrupted(point, n, first, then, image_path,
+                                                                uninterrupted_whole, tmp_path):
+    """stitch="whole" (tiles assigned after their later neighbours, written after all of them)
+    killed at any moment and resumed, on this process or a cluster: the uninterrupted labels."""
+    out, log = tmp_path / "out.zarr", tmp_path / "calls"
+    assert _child(image_path, out, log, point, n, whole=True,
+                  workers=first == "cluster") == -signal.SIGKILL
+    work = WorkDir(work_dir_for(out))
+    done_before = len(work.done_tiles()) if point != "finalize" else N_TILES
+    log.unlink(missing_ok=True)
+    assert _child(image_path, out, log, resume=True, whole=True, workers=then == "cluster") == 0
+    if then == "serial":
+        assert _calls(log) == N_TILES - done_before  # only the unfinished tiles ran again
+    assert np.array_equal(blockbuster.open_labels(out)[:], uninterrupted_whole)
+    assert not work.path.exists()
 
 
 @pytest.mark.slow
@@ -336,7 +369,7 @@ def test_skip_empty_skips_constant_tiles():
 
 # -- dask.distributed -----------------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("stitch", ["faces", "iou"])
+@pytest.mark.parametrize("stitch", ["faces", "iou", "whole"])
 def test_local_cluster_gives_identical_labels(stitch, blobs2d, tmp_path):
     from distributed import Client
 

@@ -101,11 +101,19 @@ def tile_process(
     level : int
         Resolution level of a multiscale image to segment (0: full resolution). The labels are
         made at that level; inside an OME-Zarr image they line up with it (same scale).
-    stitch : {"auto", "faces", "iou", "none"}
-        How labels are joined across tile borders (see :mod:`blockbuster.stitching`). "auto":
-        the segmenter's preference, else "iou" with an overlap and "faces" without.
+    stitch : {"auto", "faces", "iou", "whole", "none"}
+        How labels are joined across tile borders (see :mod:`blockbuster.stitching`). "faces":
+        labels touching across a border are one object (connected components). "iou": objects
+        predicted alike where tiles overlap are one object, each voxel from the tile whose core
+        holds it. "whole": matched like "iou", but each object takes all its voxels from the one
+        tile that saw it best (farthest from the cut edges of its read region), like StarDist's
+        ``predict_instances_big``; for learned models (StarDist, Cellpose), whose prediction of
+        an object differs between tiles. Needs an overlap; exact with an overlap of at least
+        one object diameter. "none": no stitching. "auto": the segmenter's preference, else
+        "iou" with an overlap and "faces" without.
     iou_threshold : float
-        For ``stitch="iou"``: merge objects whose IoU in the shared region exceeds this.
+        For ``stitch="iou"`` and ``"whole"``: objects whose IoU in the shared region exceeds
+        this are the same object.
     connectivity : int
         For ``stitch="faces"``: 1 = faces only, up to ndim = corners too (as scipy.ndimage).
     use_gpu : bool

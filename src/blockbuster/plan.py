@@ -101,7 +101,7 @@ class RunPlan:
             "depth": list(self.grid.depth),
             "stitch": mode,
             "connectivity": self.stitch.connectivity if mode == "faces" else None,
-            "iou_threshold": self.stitch.iou_threshold if mode == "iou" else None,
+            "iou_threshold": self.stitch.iou_threshold if mode in ("iou", "whole") else None,
             "table": bool(self.table),
             "measure": bool(self.measure),
             "mask": None if mask is None else (
@@ -248,6 +248,8 @@ def make_plan(
     mode = _stitch_mode(stitch.mode, info, grid)
     check_mode(mode, grid.depth, stitch.connectivity, len(grid.linked_axes))
     resolved = StitchOptions(mode, float(stitch.iou_threshold), stitch.connectivity)
+    if mode == "whole":
+        _warn_whole_overlap(grid, info)
     if measure and not table:
         raise InputError("measure=True measures intensities for the object table: pass table=True "
                          "(or a table path) too")
@@ -419,12 +421,31 @@ def _spatial_part(source: ImageSource, tile_chunks: TileChunks) -> TileChunks:
 def _stitch_mode(stitch: str, info: SegmenterInfo, grid: TileGrid) -> str:
     if stitch == "auto":
         preferred = info.preferred_stitch
-        if preferred == "iou" and not any(grid.depth):
+        if preferred in ("iou", "whole") and not any(grid.depth):
             preferred = "faces"
         return preferred or ("iou" if any(grid.depth) else "faces")
     if grid.n_tiles == 1 and stitch in STITCH_MODES:
-        return stitch if stitch != "iou" or any(grid.depth) else "faces"
+        return stitch if stitch not in ("iou", "whole") or any(grid.depth) else "faces"
     return stitch
+
+
+def _warn_whole_overlap(grid: TileGrid, info: SegmenterInfo) -> None:
+    """``stitch="whole"`` is exact when the overlap holds an object: say when it may not."""
+    linked = grid.linked_axes
+    try:
+        wanted = normalize_overlap(info.preferred_overlap or 0, len(linked))
+    except InputError:  # declared for other axes (e.g. per plane): nothing to compare with
+        return
+    depth = tuple(grid.depth[a] for a in linked)
+    planes = [grid.tile_shape[a] == 1 for a in linked]  # one plane per tile: never stitched
+    short = [i for i, (d, w, p) in enumerate(zip(depth, wanted, planes, strict=True))
+             if not p and (d < w or d == 0)]
+    if short and grid.n_tiles > 1:
+        than = f"the segmenter's {wanted}" if any(wanted) else "one object diameter"
+        log.warning("stitch='whole' takes each object from the one tile that saw it whole, which "
+                    "needs an overlap of about one object diameter; the overlap %s is less than "
+                    "%s on axis/axes %s: objects crossing tile borders there may be cut in every "
+                    "tile that reads them", depth, than, ", ".join(str(i) for i in short))
 
 
 def n_tiles_of(tile_chunks: TileChunks) -> int:

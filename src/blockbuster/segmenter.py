@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 __all__ = ["MemoryModel", "Segmenter", "SegmenterInfo", "describe_segmenter", "fn_name",
            "grid_per_axis", "padded_extent"]
 
-StitchMode = Literal["faces", "iou", "none"]
+StitchMode = Literal["faces", "iou", "whole", "none"]
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ class Segmenter:
         Short name (the entry-point name for registered plugins).
     preferred_overlap : int or tuple of int or None
         Halo the method needs, in voxels (typically about one object diameter).
-    preferred_stitch : {"faces", "iou", "none"} or None
+    preferred_stitch : {"faces", "iou", "whole", "none"} or None
         Stitching mode that suits the method.
     memory_model : MemoryModel or None
         Working memory per tile, used by ``tile_shape="auto"``.

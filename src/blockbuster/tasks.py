@@ -379,7 +379,15 @@ def summarize(ctx: TaskContext, tile: Tile, result: Any,
     control = control_stats(core, ctx.grid.linked_axes, stitcher.iou_threshold, tile.id) \
         if stitcher.offsets() else None
     stats: dict[str, np.ndarray] = {}
-    if ctx.table:
+    if ctx.table and stitcher.whole_objects:
+        # stitch="whole": an object the tile keeps is written whole from its padded prediction,
+        # so it is measured whole here (``image_core`` is then the padded region's intensities)
+        from .measurements import tile_measurements
+
+        stats = tile_measurements(local, n, image_core, origin=[s.start for s in tile.padded],
+                                  channel_axis=None if image_core is None else -1)
+        stats["whole_counts"] = stats.pop("counts")
+    elif ctx.table:
         from .measurements import tile_measurements
 
         stats = tile_measurements(core, n, image_core, origin=[s.start for s in tile.core],
@@ -391,10 +399,11 @@ def summarize(ctx: TaskContext, tile: Tile, result: Any,
 
 def image_core(ctx: TaskContext, tile: Tile, data: np.ndarray) -> np.ndarray | None:
     """The tile's core of the input, channels last, for intensity measurements (a copy: fn
-    may change its tile)."""
+    may change its tile); its whole padded region with ``stitch="whole"``."""
     if not ctx.measure:
         return None
-    index: list[Any] = [tile.inner[a] for a in ctx.grid.linked_axes]
+    whole = ctx.stitcher.whole_objects
+    index: list[Any] = [slice(None) if whole else tile.inner[a] for a in ctx.grid.linked_axes]
     channel = ctx.source.segment_channel_axis
     if channel is not None:
         index.insert(channel, slice(None))

@@ -109,8 +109,12 @@ def add_segment_command(commands: Any) -> None:
     add_planning_options(seg)
     add_input_options(seg)
     tiles = seg.add_argument_group("stitching and output")
-    tiles.add_argument("--stitch", choices=("auto", "faces", "iou", "none"), default="auto",
-                       help="how labels are joined across tile borders (default: the method's "
+    tiles.add_argument("--stitch", choices=("auto", "faces", "iou", "whole", "none"),
+                       default="auto",
+                       help="how labels are joined across tile borders: faces (touching labels "
+                            "merge), iou (matched in the overlap, each voxel from its own tile), "
+                            "whole (matched, each object whole from the tile that saw it best; "
+                            "overlap >= one object diameter), none (default: the method's "
                             "choice)")
     again = tiles.add_mutually_exclusive_group()
     again.add_argument("--overwrite", action="store_true",

@@ -13,10 +13,18 @@ the same, id for id, whoever ran which tile and in whatever order they finished.
 At the end (:meth:`Committer.finish`), the few tiles holding labels that a later tile joined
 (a U shape closing) are rewritten, after a backup of what they held, so that the final labels
 are consecutive, 1..N.
+
+With ``stitch="whole"`` (:mod:`blockbuster.stitching.whole`) every tile is kept (record and
+raw core labels) when it arrives: the frontier tile is assigned once its neighbours *after* it
+are segmented too (which of its objects it keeps depends on their versions of them), and its
+core is written once its last neighbour is assigned (a :class:`WriteJob` with the neighbours'
+records, whose kept objects spill into it). Nothing is merged, so nothing is rewritten at the
+end; a resumed run queues the assigned tiles not yet written the same way.
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
@@ -35,11 +43,12 @@ from ..stitching import (
     Stitcher,
     TileBoundary,
 )
+from ..stitching.whole import WholeStitcher, spill
 from ..tasks import SegmentedTile
 from ..tiling import Tile, TileGrid
 from .state import Entry, EntryRef, PackWriter, RunState
 
-__all__ = ["FAIL_FAST_AFTER", "Committer", "WriteJob", "write_jobs"]
+__all__ = ["FAIL_FAST_AFTER", "Committer", "Spill", "WriteJob", "write_jobs"]
 
 log = logging.getLogger("blockbuster")
 
@@ -49,12 +58,27 @@ UINT64_LIMIT = int(np.iinfo(np.uint64).max)
 
 
 @dataclass(frozen=True)
-class WriteJob:
-    """Write a tile's core from the labels its worker kept, through its global labels."""
+class Spill:
+    """A neighbour's kept objects that reach into a tile's core (``stitch="whole"``)."""
 
     tile_id: int
-    raw: EntryRef
+    record: EntryRef
     glabels: np.ndarray
+
+
+@dataclass(frozen=True)
+class WriteJob:
+    """Write a tile's core from the labels its worker kept, through its global labels.
+
+    ``raw`` is None for a skipped tile (background). ``spill``: with ``stitch="whole"``, the
+    neighbours whose kept objects fill the voxels the tile's own kept objects leave empty, in
+    grid order.
+    """
+
+    tile_id: int
+    raw: EntryRef | None
+    glabels: np.ndarray
+    spill: tuple[Spill, ...] = ()
 
 
 def write_jobs(output: LabelView, grid: TileGrid, work_path: Any, jobs: list[WriteJob],
@@ -67,11 +91,41 @@ def write_jobs(output: LabelView, grid: TileGrid, work_path: Any, jobs: list[Wri
     reader = _PackReader(Path(work_path) / "packs")
     try:
         for job in jobs:
-            labels = reader.entry(job.raw).get("labels")
-            output[grid.tile(job.tile_id).core] = job.glabels.astype(output.dtype)[labels]
+            tile = grid.tile(job.tile_id)
+            if not job.spill and job.raw is not None:
+                labels = reader.entry(job.raw).get("labels")
+                output[tile.core] = job.glabels.astype(output.dtype)[labels]
+                continue
+            core = _whole_core(output.dtype, grid, tile, job, reader)
+            if core is not None:
+                output[tile.core] = core
     finally:
         reader.close()
     return [job.tile_id for job in jobs]
+
+
+def _whole_core(dtype: np.dtype, grid: TileGrid, tile: Tile, job: WriteJob, reader: Any,
+                ) -> np.ndarray | None:
+    """A tile's core under ``stitch="whole"``: its kept objects, then its neighbours' that
+    spill into it (None: a skipped tile that nothing reaches; it stays background)."""
+    if job.raw is not None:
+        core = job.glabels.astype(dtype)[reader.entry(job.raw).get("labels")]
+    else:
+        core = np.zeros(tuple(s.stop - s.start for s in tile.core), dtype)
+    reached = job.raw is not None
+    for part in job.spill:
+        found = spill(grid, tile, grid.tile(part.tile_id),
+                      _LazyArrays(reader.entry(part.record), "b:").get)
+        if found is None:
+            continue
+        region, local = found
+        values = part.glabels.astype(dtype)[local]
+        target = core[region]
+        empty = (target == 0) & (values > 0)
+        if empty.any():
+            target[empty] = values[empty]
+            reached = True
+    return core if reached else None
 
 
 class Committer:
@@ -116,6 +170,13 @@ class Committer:
         self._pending_writes: set[int] = set()
         self._records: OrderedDict[int, Entry] = OrderedDict()
         self._window = self._backward_window()
+        #: ``stitch="whole"``: a tile is assigned once its later neighbours are segmented, and
+        #: written once all its neighbours are assigned (these wait for that)
+        self.whole = stitcher.whole_objects
+        self._to_write: list[tuple[int, int]] = []  # heap: (its last neighbour, tile)
+        self._glabels_cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        if self.whole:
+            self._window *= 2  # the records of later neighbours are read too
         self._skip_assigned()
 
     # -- start ------------------------------------------------------------------------------
@@ -159,7 +220,7 @@ class Committer:
         self.succeeded += 1
         if self.on_progress is not None:
             self.on_progress(seg)
-        if seg.tile_id == self.frontier:
+        if seg.tile_id == self.frontier and not self.whole:
             self._commit_at_frontier(seg)
         else:
             self._keep(seg)
@@ -211,10 +272,12 @@ class Committer:
     def advance(self) -> list[WriteJob]:
         """Assign every tile from the frontier on that is waiting; returns remote writes."""
         while self.frontier < self.grid.n_tiles and self.frontier in self.state.seg \
-                and self.frontier not in self.state.assignment:
+                and self.frontier not in self.state.assignment and self._ready(self.frontier):
             self._assign_kept(self.frontier)
             self.frontier += 1
             self._skip_assigned()
+        if self.whole:
+            self._pending_jobs.extend(self._whole_jobs())
         jobs, self._pending_jobs = self._pending_jobs, []
         if self.remote_writes:
             self._pending_writes.update(job.tile_id for job in jobs)
@@ -226,17 +289,23 @@ class Committer:
 
     def _assign_kept(self, tile_id: int) -> None:
         """Assign a tile segmented earlier, from its record; queue the write of its core."""
-        entry = self.state.record(tile_id)
+        entry = self._record(tile_id)
         tile = self.grid.tile(tile_id)
-        glabels, merges = self._assign(tile, _boundary(entry))
+        if self.whole:
+            glabels, merges = self._assign_whole(tile, _boundary(entry))
+        else:
+            glabels, merges = self._assign(tile, _boundary(entry))
         if not entry.meta.get("skipped"):
             self.seams.add_control(entry.get("q:control") if "q:control" in entry else None)
         raw = entry.meta.get("raw")
-        written = raw is None  # a skipped tile: nothing to write
+        written = raw is None and not self.whole  # a skipped tile: nothing to write
         ref = self.writer.append("asg", tile_id, {"written": written},
                                  {"glabels": glabels, "merges": merges})
         self.state.note("asg", tile_id, ref, {"written": written})
-        if raw is not None:
+        if self.whole:
+            self._remember_glabels(tile_id, glabels)
+            self._wait_for_neighbours(tile_id)
+        elif raw is not None:
             self._pending_jobs.append(WriteJob(tile_id, EntryRef.from_json(raw), glabels))
 
     def written(self, tile_id: int) -> None:
@@ -247,7 +316,15 @@ class Committer:
             self.state.note("put", tile_id, ref, {})
 
     def rewrite_jobs(self) -> list[WriteJob]:
-        """Writes a resumed run still owes: assigned tiles whose core never reached the output."""
+        """Writes a resumed run still owes: assigned tiles whose core never reached the output.
+
+        Tiles that were segmented but not assigned yet (a run stopped in between) are assigned
+        too, and their writes returned.
+        """
+        if self.whole:  # written once their neighbours are assigned (see advance)
+            for t in self.unwritten():
+                self._wait_for_neighbours(t)
+            return self.advance()
         jobs = []
         for t in self.unwritten():
             entry = self.state.record(t)
@@ -260,9 +337,79 @@ class Committer:
             for job in jobs:
                 write_jobs(self.output, self.grid, self.state.work.path, [job])
                 self.written(job.tile_id)
-            return []
+            return self.advance()
         self._pending_writes.update(job.tile_id for job in jobs)
+        return jobs + self.advance()
+
+    # -- stitch="whole" ---------------------------------------------------------------------
+    def _ready(self, tile_id: int) -> bool:
+        """Whether a segmented tile can be assigned: with ``stitch="whole"``, once every
+        neighbour after it in grid order is segmented too (it decides which objects it keeps)."""
+        if not self.whole:
+            return True
+        tile = self.grid.tile(tile_id)
+        return all(n.id in self.state.seg for n in self._whole_stitcher.all_neighbours(tile)
+                   if n.id > tile_id)
+
+    @property
+    def _whole_stitcher(self) -> WholeStitcher:
+        assert isinstance(self.stitcher, WholeStitcher)
+        return self.stitcher
+
+    def _assign_whole(self, tile: Tile, boundary: TileBoundary) -> tuple[np.ndarray, np.ndarray]:
+        """New labels for the objects the tile keeps (nothing is merged: each object is
+        kept by one tile)."""
+        if self.seams.active:  # the seam report counts borders as with "iou" (same matches)
+            for other, off in self.stitcher.neighbours(tile, backward=True):
+                o_boundary = _boundary(self._record(other.id))
+                lo, la = self.stitcher.match(other, tile, off, o_boundary, boundary)
+                self.seams.add_border(other, tile, off, o_boundary.arrays, boundary.arrays,
+                                      lo, la)
+        kept = self._whole_stitcher.kept(tile, boundary,
+                                         lambda t: _boundary(self._record(t)))
+        none = np.empty(0, np.int64)
+        try:
+            return self.book.assign(kept, none, none)
+        except LabelOverflow:
+            self._to_uint64()
+            return self.book.assign(kept, none, none)
+
+    def _wait_for_neighbours(self, tile_id: int) -> None:
+        """Queue an assigned tile's write until its last neighbour in grid order is assigned
+        (tiles are assigned in grid order: then they all are)."""
+        tile = self.grid.tile(tile_id)
+        last = max([n.id for n in self._whole_stitcher.all_neighbours(tile)], default=tile_id)
+        heapq.heappush(self._to_write, (last, tile_id))
+
+    def _whole_jobs(self) -> list[WriteJob]:
+        """The writes of the waiting tiles whose neighbours are all assigned now."""
+        jobs = []
+        while self._to_write and self._to_write[0][0] < self.frontier:
+            _, t = heapq.heappop(self._to_write)
+            tile = self.grid.tile(t)
+            neighbours = self._whole_stitcher.all_neighbours(tile)
+            raw = self._record(t).meta.get("raw")
+            spills = []
+            for n in neighbours:
+                glabels = self._assigned_glabels(n.id)
+                if glabels[1:].any():
+                    spills.append(Spill(n.id, self.state.seg[n.id], glabels))
+            jobs.append(WriteJob(t, None if raw is None else EntryRef.from_json(raw),
+                                 self._assigned_glabels(t), tuple(spills)))
         return jobs
+
+    def _assigned_glabels(self, tile_id: int) -> np.ndarray:
+        glabels = self._glabels_cache.get(tile_id)
+        if glabels is None:
+            glabels = np.asarray(self.state.assigned_labels(tile_id)[0])
+            self._remember_glabels(tile_id, glabels)
+        return glabels
+
+    def _remember_glabels(self, tile_id: int, glabels: np.ndarray) -> None:
+        self._glabels_cache[tile_id] = glabels
+        self._glabels_cache.move_to_end(tile_id)
+        while len(self._glabels_cache) > self._window:
+            self._glabels_cache.popitem(last=False)
 
     # -- matching ---------------------------------------------------------------------------
     def _assign(self, tile: Tile, boundary: TileBoundary) -> tuple[np.ndarray, np.ndarray]:

@@ -331,11 +331,16 @@ def _end_pass(plan: RunPlan, committer: Committer, writer: PackWriter,
     for t in range(grid.n_tiles):
         entry = state.record(t)
         counts = entry.get("counts")
-        has_labels[t] = bool(counts[1:].any())
         glabels, _ = state.assigned_labels(t)
+        # stitch="whole": only the objects the tile kept are written from its own labels
+        has_labels[t] = bool(((counts[1:] > 0) & (glabels[1:] > 0)).any()) \
+            if committer.whole else bool(counts[1:].any())
         final = apply_changes(glabels, old, new)
         if reducer is not None and has_labels[t]:
-            reducer.add({"counts": counts, **entry.get_prefixed("s:")}, final)
+            stats = entry.get_prefixed("s:")
+            if committer.whole:  # the objects it kept, measured whole (see tasks.summarize)
+                counts = np.where(final > 0, stats.pop("whole_counts"), 0)
+            reducer.add({"counts": counts, **stats}, final)
         # (not np.isin(glabels, old): it sorts all of ``old`` again for every tile)
         if t not in state.fixed and not np.array_equal(final, glabels):
             todo.append(t)

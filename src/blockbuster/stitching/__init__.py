@@ -17,6 +17,11 @@ Modes:
     Needs a halo. Objects whose predictions in the overlap of two tiles have IoU above
     ``iou_threshold`` are the same object. Each voxel keeps the label of the tile whose core
     holds it.
+``"whole"``
+    Needs a halo of at least one object diameter for exact results. Objects are matched as
+    with ``"iou"``, and each object takes all its voxels from the one tile that saw it best
+    (farthest from the cut edges of its read region); the other tiles' versions are dropped.
+    For learned models, whose prediction of an object cut by a border differs between tiles.
 ``"none"``
     Every tile's objects stay distinct.
 """
@@ -37,6 +42,7 @@ from .labels import (
     label_dtype,
     sequential_local_labels,
 )
+from .whole import WholeStitcher
 
 __all__ = [
     "STITCH_MODES",
@@ -48,6 +54,7 @@ __all__ = [
     "NoStitcher",
     "Stitcher",
     "TileBoundary",
+    "WholeStitcher",
     "apply_changes",
     "check_mode",
     "core_counts",
@@ -59,6 +66,7 @@ __all__ = [
 _STITCHERS: dict[str, type[Stitcher]] = {
     "faces": FacesStitcher,
     "iou": IouStitcher,
+    "whole": WholeStitcher,
     "none": NoStitcher,
 }
 STITCH_MODES = tuple(_STITCHERS)
@@ -72,10 +80,10 @@ def check_mode(stitch: str, depth: tuple[int, ...], connectivity: int, ndim: int
             or not 1 <= connectivity <= ndim:
         raise InputError(f"connectivity={connectivity!r} must be an integer between 1 and {ndim} "
                          "(the number of spatial axes)")
-    if stitch == "iou" and not any(depth):
+    if stitch in ("iou", "whole") and not any(depth):
         raise InputError(
-            "stitch='iou' matches objects in the overlap between tiles, but the overlap is 0 on "
-            "every axis; pass overlap=<about one object diameter>, or use stitch='faces'"
+            f"stitch={stitch!r} matches objects in the overlap between tiles, but the overlap is "
+            "0 on every axis; pass overlap=<about one object diameter>, or use stitch='faces'"
         )
 
 

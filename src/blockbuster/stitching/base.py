@@ -58,6 +58,9 @@ class Stitcher(ABC):
     #: Whether the tile's whole padded prediction is numbered (its halo objects are kept for
     #: matching), rather than only its core.
     numbers_padded: bool = False
+    #: Whether each object is taken whole from one tile (``"whole"``): the Committer then
+    #: assigns a tile after its later neighbours and writes it after all of them.
+    whole_objects: bool = False
 
     def __init__(self, grid: TileGrid, *, connectivity: int = 1, iou_threshold: float = 0.5):
         self.grid = grid

@@ -46,7 +46,7 @@ __all__ = [
 
 #: A pickled segmenter larger than this probably carries model weights or data.
 PICKLE_MAX_BYTES = 64 * 1024
-STITCH_MODES = (None, "faces", "iou", "none")
+STITCH_MODES = (None, "faces", "iou", "whole", "none")
 
 
 class ConformanceFailure(AssertionError):
