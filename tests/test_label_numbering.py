@@ -77,3 +77,31 @@ def test_changes_leave_the_input_alone_and_keep_views() -> None:
     assert labels[1, 2] == 8 and out[0, 0] == 1 and out[1, 1] == 2
     np.testing.assert_array_equal(out, apply_changes_numpy(view, np.array([8, 15]),
                                                            np.array([1, 2])))
+
+
+@settings(max_examples=60, deadline=None)
+@given(mask=hnp.arrays(bool, hnp.array_shapes(min_dims=2, max_dims=3, min_side=1, max_side=12)))
+def test_watershed_components_are_scipys_id_for_id(mask: np.ndarray) -> None:
+    from scipy import ndimage
+
+    from blockbuster.plugins.watershed import _face_components
+
+    np.testing.assert_array_equal(_face_components(mask), ndimage.label(mask)[0])
+
+
+@pytest.mark.parametrize("min_size", [1, 4, 30])
+def test_watershed_small_objects_removed_as_scikit_image_numbers(min_size: int) -> None:
+    from skimage.segmentation import relabel_sequential
+
+    from blockbuster.plugins.watershed import _remove_small
+
+    labels = (np.random.default_rng(3).integers(0, 60, (40, 50)) * 3).astype(np.int32)
+    sizes = np.bincount(labels.ravel())
+    expected = labels.copy()
+    small = sizes < min_size
+    small[0] = False
+    expected[small[expected]] = 0
+    expected = relabel_sequential(expected)[0]
+    out = _remove_small(labels.copy(), min_size)
+    assert out.dtype == np.int32
+    np.testing.assert_array_equal(out, expected)
