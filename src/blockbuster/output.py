@@ -573,9 +573,10 @@ def label_shards(source: ImageSource, grid: TileGrid) -> tuple[int, ...] | None:
     per = shard_tiles(grid)
     if per is None:
         return None
-    index = source.label_index(tuple(slice(0, c * k)
-                                     for c, k in zip(grid.tile_shape, per, strict=True)))
-    return tuple(s.stop - s.start for s in index)
+    # the tile counts mapped onto the label axes (k <= the grid <= the image: never clipped)
+    counts = source.label_index(tuple(slice(0, k) for k in per))
+    return tuple(c * (s.stop - s.start)
+                 for c, s in zip(label_chunks(source, grid), counts, strict=True))
 
 
 class ShardBuffer:
