@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from _common import (
     DATA,
     MiB,
@@ -32,6 +33,7 @@ from _common import (
     command_line,
     format_table,
     parse_args,
+    plot_path,
     report,
     run_child,
     verdict,
@@ -121,10 +123,41 @@ def child_run(p: dict[str, Any]) -> dict[str, Any]:
 
 def _options(parser: Any) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", help="numbers of tiles to run")
+    parser.add_argument("--report-only", action="store_true",
+                        help="render the report again from the last run's JSON")
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    tiles = [r["n_tiles"] for r in rows]
+    left.plot(tiles, [r["ms_per_tile"] for r in rows], "o-", label="engine ms / tile")
+    left.axhline(2.0, color="red", ls="--", label="target 2 ms")
+    left.set(xscale="log", xlabel="tiles (16 x 16)", ylabel="ms per tile", ylim=(0, None),
+             title="engine time per tile, serial")
+    left.legend()
+    right.plot(tiles, [r["files"] for r in rows], "o-", label="files (work + output)")
+    right.plot(tiles, [r["peak_mib"] for r in rows], "s-", label="peak RSS MiB")
+    right.plot(tiles, [t / 50 for t in tiles], "r--", label="tiles / 50")
+    right.set(xscale="log", yscale="log", xlabel="tiles (16 x 16)",
+              title="files and memory")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
+    import json
+
     args = parse_args(__doc__.splitlines()[0], _options)
+    if args.report_only:
+        saved = json.loads((DATA.parent / "bench_tiles.json").read_text())
+        render(saved["results"]["rows"], saved["command"].split("bench_tiles.py")[-1].split())
+        return
     sizes = tuple(args.sizes) if args.sizes else QUICK if args.quick else FULL
     rows = []
     for n in sizes:
@@ -143,6 +176,12 @@ def main() -> None:
         rows.append(row)
         print(f"{tiles} tiles: {row['ms_per_tile']:.2f} ms/tile, {row['files']} files, "
               f"peak {row['peak_mib']:.0f} MiB", flush=True)
+    render(rows, ["--quick"] if args.quick else
+           ["--sizes", *map(str, args.sizes)] if args.sizes else [])
+
+
+def render(rows: list[dict[str, Any]], extra: list[str]) -> None:
+    """The tables, verdicts and plot of a run."""
     table = format_table(rows, [
         ("n_tiles", "tiles"), ("image", "image"), ("seconds", "wall s"),
         ("ms_per_tile", "engine ms/tile"), ("peak_mib", "peak RSS MiB"),
@@ -161,9 +200,9 @@ def main() -> None:
                     "overlap, serial, a fresh process per size; files and bytes of the work "
                     "directory counted at the end of the run (kept), output sharded when "
                     "'sharded'.")
+    plot(rows, plot_path("bench_tiles"))
     report("bench_tiles", "Many tiny tiles", {"": table}, verdicts, {"rows": rows},
-           command_line(__file__, args.quick, *(["--sizes", *map(str, args.sizes)]
-                                                if args.sizes else [])))
+           command_line(__file__, "--quick" in extra, *[e for e in extra if e != "--quick"]))
 
 
 if __name__ == "__main__":
