@@ -7,9 +7,10 @@ verdicts) and ``benchmarks/out/<name>.png``. This script copies each PNG to
 result, so the hand-written analysis around the markers stays as it is. The block between
 ``<!-- summary:start -->`` and ``<!-- summary:end -->`` gets one row per target.
 
-Results of ``--quick`` runs are skipped unless ``--allow-quick`` is given.
+Results of ``--quick`` runs are skipped unless ``--allow-quick`` is given. ``--only NAME ...``
+updates those benchmarks alone: the summary keeps the other benchmarks' rows as they are.
 
-Run: ``python benchmarks/collect.py`` (after running the benchmarks).
+Run: ``python benchmarks/collect.py [--only bench_tiles ...]`` (after running the benchmarks).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from _common import OUT, ROOT
 
 DOCS = ROOT / "docs" / "benchmarks"
 NAMES = ("bench_memory", "bench_connected_components", "bench_overhead", "bench_stitching",
-         "bench_parallel", "bench_whole_image")
+         "bench_parallel", "bench_whole_image", "bench_tiles")
 
 
 def section(name: str) -> str | None:
@@ -36,9 +37,11 @@ def section(name: str) -> str | None:
     return "\n".join(body).strip() + f"\n\n![{name}](docs/benchmarks/{name}.png)"
 
 
-def summary(names: list[str]) -> str:
-    """One row per target (the MET/MISSED verdicts of the included results)."""
+def summary(names: list[str], kept: list[str] | None = None) -> str:
+    """One row per target (the MET/MISSED verdicts of the included results); ``kept``: rows
+    of the summary so far, for the benchmarks not updated now."""
     rows = ["| benchmark | | figure (target) | measured |", "|---|---|---|---|"]
+    rows += [r for r in kept or [] if not any(f"[{n}]" in r for n in names)]
     for name in names:
         data = json.loads((OUT / f"{name}.json").read_text())
         for line in data["verdicts"]:
@@ -63,7 +66,9 @@ def main() -> int:
     text = target.read_text()
     DOCS.mkdir(parents=True, exist_ok=True)
     included = []
-    for name in NAMES:
+    only = sys.argv[sys.argv.index("--only") + 1:] if "--only" in sys.argv else None
+    only = [n for n in only if not n.startswith("--")] if only is not None else None
+    for name in only or NAMES:
         body = section(name)
         if body is None:
             print(f"{name}: no results in {OUT}; run benchmarks/{name}.py first")
@@ -80,7 +85,12 @@ def main() -> int:
         included.append(name)
         shutil.copy(OUT / f"{name}.png", DOCS / f"{name}.png")
         print(f"{name}: updated")
-    text = replace(text, "summary", summary(included)) or text
+    kept = None
+    if only:
+        old = re.search(r"<!-- summary:start -->\n(.*?)<!-- summary:end -->", text, re.S)
+        kept = [r for r in (old.group(1).splitlines() if old else [])
+                if r.startswith("| [")]
+    text = replace(text, "summary", summary(included, kept)) or text
     target.write_text(text)
     return 0
 
