@@ -551,7 +551,7 @@ def shard_tiles(grid: TileGrid) -> tuple[int, ...] | None:
     >>> shard_tiles(TileGrid((4096, 4096), (16, 16), (0, 0)))
     (1, 256)
     >>> shard_tiles(TileGrid((64, 64, 64), (8, 8, 8), (0, 0, 0)))
-    (1, 8, 8)
+    (4, 8, 8)
     >>> shard_tiles(TileGrid((4096, 4096), (512, 512), (0, 0))) is None
     True
     """
