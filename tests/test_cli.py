@@ -102,7 +102,8 @@ def work(tmp_path: Path, data: Path) -> Path:
 
 
 # -- help and usage -------------------------------------------------------------------------
-@pytest.mark.parametrize("command", [[], ["segment"], ["info"], ["demo"], ["methods"]])
+@pytest.mark.parametrize("command", [[], ["segment"], ["info"], ["demo"], ["methods"],
+                                     ["preview"], ["view"]])
 def test_help_has_usage_and_examples(command: list[str], tmp_path: Path) -> None:
     result = run(*command, "--help", cwd=tmp_path)
     assert_ok(result)
@@ -119,7 +120,7 @@ def test_segment_help_lists_every_option(tmp_path: Path) -> None:
                    "--skip-empty", "--workers", "--cluster", "--cores", "--memory", "--walltime",
                    "--queue", "--account", "--jobs", "--gpus-per-job", "--diameter", "--model",
                    "--ome", "--no-ome", "--quiet", "--verbose", "--param", "--params",
-                   "--tile-timeout", "--retries", "--json", "--dry-run"):
+                   "--tile-timeout", "--retries", "--json", "--dry-run", "--seam-table"):
         assert option in result.stdout, option
     assert "watershed" in result.stdout  # the installed methods are listed
     for code in ("0 ", "1 ", "2 ", "130 "):  # the exit codes are documented

@@ -183,6 +183,66 @@ def test_failed_tiles_are_named_kept_and_resumed(tmp_path, blobs2d):
     assert same_partition(labels[:], ndimage.label(image > 0)[0])
 
 
+def _run_leaving_records(tmp_path: Path, image: np.ndarray) -> tuple[Path, Path]:
+    """A run whose tile (2, 1) fails: its work directory keeps the other tiles' records."""
+    flag = tmp_path / "fixed"
+    out = tmp_path / "out.zarr"
+    with pytest.raises(TileFailures):
+        tile_process(image, _flaky(flag), (50, 50), stitch="faces", output=out, retries=0)
+    flag.touch()
+    return out, flag
+
+
+def _flaky(flag: Path):
+    """Fails on the tile whose first voxel is 9 until ``flag`` exists (no out-of-memory pause)."""
+    def segment(tile):
+        if not flag.exists() and int(tile.flat[0]) == 9:
+            raise RuntimeError("flaky storage (simulated)")
+        return ndimage.label(tile > 0)[0]
+
+    return segment
+
+
+@pytest.mark.parametrize("at", [0.05, 0.3, 0.6, 0.95])
+def test_a_damaged_tile_record_is_a_tile_to_redo(tmp_path, blobs2d, caplog, at):
+    image = blobs2d.astype(np.uint8)
+    image[100, 50] = 9
+    out, flag = _run_leaving_records(tmp_path, image)
+    work = WorkDir(work_dir_for(out))
+    packs = [p for p in sorted(work.packs_dir.iterdir()) if p.stat().st_size]
+    pack = max(packs, key=lambda p: p.stat().st_size)
+    data = bytearray(pack.read_bytes())
+    where = int(at * (len(data) - 8))
+    data[where:where + 8] = bytes(b ^ 0xFF for b in data[where:where + 8])
+    pack.write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="blockbuster"):
+        labels = tile_process(image, _flaky(flag), (50, 50), stitch="faces", output=out,
+                              resume=True)
+    assert labels.attrs["blockbuster"]["complete"]
+    assert same_partition(labels[:], ndimage.label(image > 0)[0])
+    assert pack.name in caplog.text and "damaged" in caplog.text
+
+
+def test_a_damaged_manifest_is_named_and_not_offered_for_resume(tmp_path, blobs2d):
+    from blockbuster.errors import WorkDirError
+    from blockbuster.status import output_status
+
+    image = blobs2d.astype(np.uint8)
+    image[100, 50] = 9
+    out, flag = _run_leaving_records(tmp_path, image)
+    work = WorkDir(work_dir_for(out))
+    work.manifest_path.write_text('{"params": ')  # cut short
+    with pytest.raises(WorkDirError, match=work.manifest_path.name) as exc:
+        tile_process(image, _flaky(flag), (50, 50), stitch="faces", output=out,
+                     resume=True)
+    assert "overwrite" in str(exc.value)
+    (work_status,) = output_status(out).work
+    assert not work_status.resumable and "cannot be read" in (work_status.problem or "")
+    labels = tile_process(image, _flaky(flag), (50, 50), stitch="faces", output=out,
+                          overwrite=True)
+    assert same_partition(labels[:], ndimage.label(image > 0)[0])
+
+
 def test_systematic_failure_stops_early(tmp_path, blobs2d):
     calls = []
 

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from .sizing import auto_tile_shape, plan_tile_shape
     from .status import open_labels, output_status
     from .table import read_object_table, write_table
+    from .tilecheck import choose_overlap, preview_tiling
     from .tiling import TileGrid
 
 __version__ = "0.1.0"
@@ -75,6 +76,8 @@ _LAZY = {
     "read_object_table": "table",
     "write_table": "table",
     "TileGrid": "tiling",
+    "choose_overlap": "tilecheck",
+    "preview_tiling": "tilecheck",
 }
 
 __all__ = [
@@ -102,6 +105,7 @@ __all__ = [
     "WorkDirError",
     "auto_tile_shape",
     "auto_tile_shape_cellpose",
+    "choose_overlap",
     "expand_labels",
     "fill_holes",
     "filter_by_size",
@@ -110,6 +114,7 @@ __all__ = [
     "open_labels",
     "output_status",
     "plan_tile_shape",
+    "preview_tiling",
     "read_object_table",
     "relate",
     "run_report",

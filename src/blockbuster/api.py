@@ -59,6 +59,7 @@ def tile_process(
     skip_empty: bool = False,
     ome: bool | None = None,
     label_name: str = "blockbuster",
+    seam_table: bool | str | Path = False,
 ) -> zarr.Array:
     """Segment an image of any size tile by tile and write one seamless labelling to zarr.
 
@@ -82,6 +83,11 @@ def tile_process(
         (``"6um"``: converted per axis with the image's voxel size, so an anisotropic volume gets
         less halo along its coarse axis). Clipped per axis to stay smaller than the tile (a
         z-tile of 1 gets 0). Default: the segmenter's preferred overlap, else 0.
+        ``"auto"``: measured on the data (:func:`blockbuster.tilecheck.choose_overlap`): the
+        busiest window of 3 x 3 (x 3) tiles is segmented untiled and then tiled with
+        increasing overlaps (on the segmenter's grid), and the smallest at which tiling
+        changes no object (F1 1.000, nothing fused or split) is used; the choice and the
+        curve are logged and stored in the run report (``overlap_auto``).
     output : path or zarr store, optional
         Where to write the labels: a new path, an empty folder, or an output blockbuster wrote
         before (nothing else is ever replaced). Default: ``<input>.labels.zarr`` next to a path
@@ -158,6 +164,11 @@ def tile_process(
         an output path ending in ``.ome.zarr``; a plain zarr array otherwise.
     label_name : str
         Name of the label image inside an OME-Zarr image.
+    seam_table : bool or path
+        Also write the seam report's table: one row per tile border (objects touching it,
+        matched, orphans that end there, ambiguous matches, flagged), tab-separated (commas
+        for a ``.csv`` path). True writes ``<output>.seams.tsv``. The summary is always in the
+        run report (``run_report(out).seams``; see :mod:`blockbuster.seams`).
 
     Returns
     -------
@@ -187,7 +198,12 @@ def tile_process(
     executor = executor_for(_active_client(client))
     target = resolve_output(output, source, work_dir, ome, label_name)
     table_path = _table_path(table, target)
+    seam_path = _seam_table_path(seam_table, target)
     previous = _previous_tile_chunks(target, tile_shape) if resume else None
+    overlap_auto = None
+    if isinstance(overlap, str) and overlap.strip().lower() == "auto":
+        overlap, overlap_auto = _auto_overlap(source, fn, tile_shape, stitch, iou_threshold,
+                                              connectivity, use_gpu, memory_bytes)
     plan = make_plan(source, fn, info, tile_shape=tile_shape, overlap=overlap,
                      stitch=StitchOptions(stitch, iou_threshold, connectivity), use_gpu=use_gpu,
                      memory=memory_bytes, mask=mask_source, skip_empty=skip_empty,
@@ -206,7 +222,8 @@ def tile_process(
         if done is not None:
             return done
         return execute(plan, target, work, manifest, executor=executor, progress=progress,
-                       table_path=table_path, keep_work=keep_work)
+                       table_path=table_path, keep_work=keep_work, seam_table=seam_path,
+                       report_extra={"overlap_auto": overlap_auto})
     finally:
         for lock in reversed(locks):
             lock.release()
@@ -266,6 +283,27 @@ def stitch_tiles(
 
 
 # -- helpers ----------------------------------------------------------------------------------
+def _auto_overlap(source: ImageSource, fn: Callable[..., Any], tile_shape: Any, stitch: str,
+                  iou_threshold: float, connectivity: int, use_gpu: bool,
+                  memory: int | None) -> tuple[tuple[int, ...], dict[str, Any]]:
+    """``overlap="auto"``: the smallest overlap at which a sample window tiles exactly."""
+    from .tilecheck import choose_overlap
+
+    choice = choose_overlap(source, fn, tile_shape=tile_shape, stitch=stitch,
+                            iou_threshold=iou_threshold, connectivity=connectivity,
+                            use_gpu=use_gpu, memory=memory)
+    curve = "; ".join(f"{tuple(c['overlap'])}: F1 {c['f1']:.3f}, {c['fused']} fused, "
+                      f"{c['split']} split" for c in choice.curve)
+    if choice.found:
+        log.info("overlap auto: %s, the smallest at which tiling changes nothing on the window "
+                 "%s (%s)", tuple(choice.chosen), choice.window, curve)
+    else:
+        log.warning("overlap auto: no overlap tried makes the tiled result equal the untiled "
+                    "one on the window %s; using the largest, %s (%s). Larger tiles help.",
+                    choice.window, tuple(choice.chosen), curve)
+    return tuple(choice.chosen), choice.as_dict()
+
+
 def _active_client(client: Any) -> Any:
     """The given client; ``client="active"`` picks the current distributed client."""
     if client is None:
@@ -341,6 +379,18 @@ def _table_path(table: Any, target: OutputTarget) -> Path | None:
     else:  # a store or URL: next to the work directory, on this machine
         base = target.work_path.with_name(target.work_path.name.removesuffix(WORK_SUFFIX))
     return base.with_name(base.name + ".objects.csv")
+
+
+def _seam_table_path(seam_table: Any, target: OutputTarget) -> Path | None:
+    if seam_table is False or seam_table is None:
+        return None
+    if isinstance(seam_table, (str, Path)):
+        return Path(seam_table)
+    if seam_table is not True:
+        raise InputError(f"seam_table={seam_table!r}: pass True, or a path (.tsv or .csv)")
+    objects = _table_path(True, target)
+    assert objects is not None  # table=True always names a path
+    return objects.with_name(objects.name.removesuffix(".objects.csv") + ".seams.tsv")
 
 
 def _check_table_path(path: Path, *, overwrite: bool) -> None:

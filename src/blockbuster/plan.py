@@ -217,6 +217,12 @@ def make_plan(
                          f"{len(source.spatial_shape)} spatial axes (image "
                          f"{source.spatial_shape})")
     ndim = len(source.spatial_shape)
+    if isinstance(overlap, str) and overlap.strip().lower() == "auto":
+        # measured by tile_process before it plans (tilecheck.choose_overlap); a plan made
+        # without running anything (info, --dry-run) shows the segmenter's default
+        log.info("overlap='auto' is measured when the run starts; planned here with the "
+                 "segmenter's default overlap")
+        overlap = None
     overlap = _overlap_in_voxels(overlap, source)
     overlap_t = normalize_overlap(  # lengths left here (wrong count) are refused by it
         info.preferred_overlap or 0 if overlap is None else overlap, ndim)  # type: ignore[arg-type]

@@ -75,6 +75,13 @@ class RunReport:
     seconds : dict
         Wall time per stage (``prepare``, ``segment``, ``end_pass``, ``finish``) and
         ``total``.
+    seams : dict or None
+        The seam report (:mod:`blockbuster.seams`): per axis, the orphan and ambiguity rates at
+        tile borders and at control planes inside tiles, the verdict (``"clean"``, ``"worse
+        than controls"``, ``"no borders"``) and the worst borders. None without stitching.
+    overlap_auto : dict or None
+        With ``overlap="auto"``: the overlap ``chosen``, whether an exact one was ``found``, the
+        ``curve`` (figures per overlap tried) and the sample ``window``.
     """
 
     status: str
@@ -98,6 +105,8 @@ class RunReport:
     host: str | None = None
     pid: int | None = None
     blockbuster_version: str | None = None
+    seams: dict[str, Any] | None = None
+    overlap_auto: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -126,6 +135,8 @@ class RunRecorder:
         self.labels_joined_late: int | None = None
         self.table: str | None = None
         self.statistics: dict[str, Any] = {}
+        self.seams: dict[str, Any] | None = None
+        self.overlap_auto: dict[str, Any] | None = None
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -162,7 +173,8 @@ class RunRecorder:
             table=self.table, params=self.params, statistics=self.statistics,
             error=None if error is None else f"{type(error).__name__}: {error}",
             started=self.started_at, finished=_now(), host=socket.gethostname(),
-            pid=os.getpid(), blockbuster_version=__version__)
+            pid=os.getpid(), blockbuster_version=__version__, seams=self.seams,
+            overlap_auto=self.overlap_auto)
 
 
 def run_report(labels: Any) -> RunReport:

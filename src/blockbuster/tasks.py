@@ -24,6 +24,7 @@ import numpy as np
 from .engine.state import EntryRef, worker_writer
 from .errors import BlockbusterError, InputReadError, TileError
 from .io import ImageSource
+from .seams import control_stats
 from .stitching import Stitcher, TileBoundary, core_counts, sequential_local_labels
 from .tiling import Tile, TileGrid
 
@@ -75,6 +76,8 @@ class SegmentedTile:
     raw: EntryRef | None = None
     skipped: bool = False
     error: TileError | None = None
+    #: the control planes' figures of the seam report (:func:`blockbuster.seams.control_stats`)
+    control: np.ndarray | None = None
 
     def record_arrays(self) -> dict[str, np.ndarray]:
         """The arrays of the tile's ``seg`` entry."""
@@ -83,6 +86,8 @@ class SegmentedTile:
         arrays = {"counts": self.boundary.counts}
         arrays.update({f"b:{k}": v for k, v in self.boundary.arrays.items()})
         arrays.update({f"s:{k}": v for k, v in self.stats.items()})
+        if self.control is not None:
+            arrays["q:control"] = self.control
         return arrays
 
     @property
@@ -371,6 +376,8 @@ def summarize(ctx: TaskContext, tile: Tile, result: Any,
         core, n, counts = sequential_local_labels(labels[tile.inner])
         arrays = stitcher.boundary_arrays(tile, core)
     del labels, result
+    control = control_stats(core, ctx.grid.linked_axes, stitcher.iou_threshold, tile.id) \
+        if stitcher.offsets() else None
     stats: dict[str, np.ndarray] = {}
     if ctx.table:
         from .measurements import tile_measurements
@@ -378,7 +385,8 @@ def summarize(ctx: TaskContext, tile: Tile, result: Any,
         stats = tile_measurements(core, n, image_core, origin=[s.start for s in tile.core],
                                   channel_axis=None if image_core is None else -1)
         del stats["counts"]  # the record's own counts
-    return SegmentedTile(tile.id, n, TileBoundary(counts, arrays), stats, labels=core)
+    return SegmentedTile(tile.id, n, TileBoundary(counts, arrays), stats, labels=core,
+                         control=control)
 
 
 def image_core(ctx: TaskContext, tile: Tile, data: np.ndarray) -> np.ndarray | None:

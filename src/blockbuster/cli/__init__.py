@@ -85,13 +85,14 @@ __all__ = [
     "parse_tile_shape",
 ]
 
-COMMANDS = ("segment", "info", "methods", "demo", "measure", "relate", "postprocess",
-            "upsample")
+COMMANDS = ("segment", "info", "preview", "view", "methods", "demo", "measure", "relate",
+            "postprocess", "upsample")
 
 MAIN_EPILOG = """\
 examples:
   blockbuster demo                              # synthetic nuclei, segmented in tiles
   blockbuster info brain.ome.zarr               # what a run would do with this image
+  blockbuster preview brain.ome.zarr            # tiled vs untiled on a window, in seconds
   blockbuster methods                           # the segmenters and their parameters
   blockbuster segment brain.ome.zarr --table    # labels into the image, plus an object table
   blockbuster segment scan.tif cells.zarr --method cellpose --diameter 30 --gpu
@@ -118,7 +119,9 @@ def build_parser() -> Parser:
     from .demo import add_demo_command
     from .info import add_info_command
     from .methods import add_methods_command
+    from .preview import add_preview_command
     from .segment import add_segment_command
+    from .view import add_view_command
 
     parser = Parser(prog=PROG, formatter_class=HelpFormatter, epilog=MAIN_EPILOG,
                     description="Segment microscopy images far larger than memory, tile by "
@@ -128,6 +131,8 @@ def build_parser() -> Parser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     add_segment_command(commands)
     add_info_command(commands)
+    add_preview_command(commands)
+    add_view_command(commands)
     add_methods_command(commands)
     add_demo_command(commands)
     add_analysis_commands(commands)

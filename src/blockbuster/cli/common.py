@@ -96,7 +96,8 @@ def parse_tile_shape(text: str) -> str | tuple[int, ...]:
 
 def parse_overlap(text: str) -> int | str | tuple[int | str, ...]:
     """``--overlap``: one halo for every axis (``N``) or one per spatial axis (``N,N,N``), in
-    voxels or as lengths with a unit (``6um``, ``2um,0.5um,0.5um``).
+    voxels or as lengths with a unit (``6um``, ``2um,0.5um,0.5um``), or ``auto`` (measured on
+    the data).
 
     Examples
     --------
@@ -108,6 +109,8 @@ def parse_overlap(text: str) -> int | str | tuple[int | str, ...]:
     """
     from ..units import is_length
 
+    if text.strip().lower() == "auto":
+        return "auto"
     parts = [p.strip() for p in text.split(",")]
     if any(is_length(p) for p in parts):
         values = tuple(p if is_length(p) else ints(p, "overlap")[0] for p in parts)

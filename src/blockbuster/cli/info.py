@@ -162,6 +162,36 @@ def _run_lines(status: OutputStatus) -> list[str]:
         if report.get("finished"):
             line += f", finished {report['finished']} on {report.get('host')}"
         lines.append(line)
+        if report.get("seams"):
+            lines += seam_lines(report["seams"])
+    return lines
+
+
+def seam_lines(seams: dict[str, Any], limit: int = 5) -> list[str]:
+    """The seam report (:mod:`blockbuster.seams`) in a few lines."""
+    def pct(rate: Any) -> str:
+        return "n/a" if rate is None else f"{100 * rate:.1f}%"
+
+    verdict = seams.get("verdict", "?")
+    head = f"seams:      {verdict.upper() if verdict != 'clean' else verdict}"
+    head += f", {plural(seams.get('borders', 0), 'border')}"
+    if seams.get("flagged"):
+        head += f", {seams['flagged']} flagged"
+    lines = [head]
+    for ax in seams.get("axes", []):
+        seam, ctrl = ax["seam"], ax["control"]
+        near = ax.get("near_border", {})
+        lines.append(f"  along {ax['axis']}: {pct(seam['orphan_rate'])} of "
+                     f"{seam['objects']} objects end at borders ({pct(ctrl['orphan_rate'])} of "
+                     f"{ctrl['objects']} at control planes, {pct(near.get('orphan_rate'))} next "
+                     f"to tile faces), {pct(seam['ambiguous_rate'])} ambiguous "
+                     f"({pct(ctrl['ambiguous_rate'])}, {pct(near.get('ambiguous_rate'))})"
+                     + ("  <- worse" if ax.get("worse") else ""))
+    worst = seams.get("worst", [])
+    if worst and verdict != "clean":
+        lines.append("  worst borders (tiles a|b, axis=position: orphans/objects):")
+        lines += [f"    {w['tile_a']}|{w['tile_b']} {w['axis']}={w['position']}: "
+                  f"{w['orphans']}/{w['objects']}" for w in worst[:limit]]
     return lines
 
 

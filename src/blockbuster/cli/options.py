@@ -106,9 +106,10 @@ def add_planning_options(parser: argparse.ArgumentParser) -> None:
                        metavar="auto|Z,Y,X",
                        help="tile (core) size per spatial axis, -1 = whole axis; 'auto' "
                             "sizes tiles from free memory (default)")
-    group.add_argument("--overlap", type=parse_overlap, metavar="N|N,N,N",
+    group.add_argument("--overlap", type=parse_overlap, metavar="N|N,N,N|auto",
                        help="halo around every tile, in voxels or with a unit (6um, per axis "
-                            "with the voxel size) (default: the method's choice, about one "
+                            "with the voxel size), or auto: the smallest at which a sample "
+                            "window tiles exactly (default: the method's choice, about one "
                             "object diameter)")
     group.add_argument("--channel-axis", type=int, metavar="N",
                        help="axis holding channels (default: from OME-Zarr metadata, else none)")

@@ -122,6 +122,10 @@ def add_segment_command(commands: Any) -> None:
                        help="also write an object table (voxels, bounding box, centroid per "
                             "label, in µm too for a calibrated image): CSV, or Parquet for a "
                             ".parquet PATH (default PATH: next to the labels)")
+    tiles.add_argument("--seam-table", nargs="?", const=True, default=False, metavar="PATH",
+                       help="also write the seam report's table: one row per tile border "
+                            "(objects, matched, orphans, ambiguous), TSV or CSV (default PATH: "
+                            "next to the labels)")
     tiles.add_argument("--measure", action="store_true",
                        help="with --table: also each object's mean, min, max, std and "
                             "integrated intensity per channel")
@@ -326,7 +330,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
             client=execution.client, progress=False if args.quiet else None,
             table=args.table, mask=mask, skip_empty=args.skip_empty, ome=args.ome,
             label_name=args.label_name, retries=args.retries, timeout=args.tile_timeout,
-            measure=args.measure)
+            measure=args.measure, seam_table=args.seam_table)
     report = _report_of(out, run_report)
     if args.json:
         args.json_result = {**(report.as_dict() if report else {"status": "complete"}),
@@ -386,6 +390,17 @@ def _print_summary(out: zarr.Array, report: RunReport | None, elapsed: float) ->
     print(line)
     if report is not None and report.peak_memory_bytes:
         print(f"memory: peak {format_bytes(report.peak_memory_bytes)} in this process")
+    auto = report.overlap_auto if report is not None else None
+    if auto:
+        curve = ", ".join(f"{tuple(c['overlap'])}: F1 {c['f1']:.3f}" for c in auto["curve"])
+        print(f"overlap: auto chose {tuple(auto['chosen'])}"
+              + ("" if auto["found"] else " (none tried was exact: the largest)")
+              + f" [{curve}]")
+    if report is not None and report.seams:
+        from .info import seam_lines
+
+        print("\n".join(line.replace("seams:     ", "seams: ", 1)
+                        for line in seam_lines(report.seams)))
 
 
 def _dry_run(args: argparse.Namespace, src: Any, segmenter: Any, mask: str | None) -> int:

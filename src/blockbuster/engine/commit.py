@@ -27,6 +27,7 @@ import numpy as np
 
 from ..errors import BlockbusterError, TileError, TileFailures
 from ..output import LabelView, ShardBuffer
+from ..seams import SeamRecorder
 from ..stitching import (
     UINT32_LIMIT,
     LabelBook,
@@ -109,6 +110,10 @@ class Committer:
         self.failures: list[TileError] = []
         self.succeeded = 0
         self.book = self._replay()
+        #: the seam report's figures, gathered as tiles are matched (borders matched by an
+        #: earlier run that this one resumes are not in it)
+        self.seams = SeamRecorder(grid, stitcher.numbers_padded, stitcher.iou_threshold,
+                                  active=bool(stitcher.offsets()))
         self.frontier = 0
         self._pending_jobs: list[WriteJob] = []
         self._pending_writes: set[int] = set()
@@ -188,6 +193,8 @@ class Committer:
         tile = self.grid.tile(seg.tile_id)
         boundary = seg.boundary or TileBoundary(np.zeros(1, np.int64))
         glabels, merges = self._assign(tile, boundary)
+        if not seg.skipped:
+            self.seams.add_control(seg.control)
         meta: dict[str, Any] = {"n": seg.n, "skipped": seg.skipped, "assigned": True}
         arrays = {**seg.record_arrays(), "glabels": glabels, "merges": merges}
         if seg.labels is not None and self.shards is not None:
@@ -264,6 +271,8 @@ class Committer:
         entry = self.state.record(tile_id)
         tile = self.grid.tile(tile_id)
         glabels, merges = self._assign(tile, _boundary(entry))
+        if not entry.meta.get("skipped"):
+            self.seams.add_control(entry.get("q:control") if "q:control" in entry else None)
         raw = entry.meta.get("raw")
         written = raw is None  # a skipped tile: nothing to write
         ref = self.writer.append("asg", tile_id, {"written": written},
@@ -300,10 +309,15 @@ class Committer:
     # -- matching ---------------------------------------------------------------------------
     def _assign(self, tile: Tile, boundary: TileBoundary) -> tuple[np.ndarray, np.ndarray]:
         local, matched = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
-        if len(boundary.counts) > 1:
+        # an empty tile matches nothing, but the seam report counts the objects that end at its
+        # border
+        if len(boundary.counts) > 1 or self.seams.active:
             for other, off in self.stitcher.neighbours(tile, backward=True):
                 o_entry = self._record(other.id)
-                lo, la = self.stitcher.match(other, tile, off, _boundary(o_entry), boundary)
+                o_boundary = _boundary(o_entry)
+                lo, la = self.stitcher.match(other, tile, off, o_boundary, boundary)
+                self.seams.add_border(other, tile, off, o_boundary.arrays, boundary.arrays,
+                                      lo, la)
                 local.append(la)
                 matched.append(self._glabels(o_entry, other.id)[lo])
         loc, mat = np.concatenate(local), np.concatenate(matched)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from ..errors import InputError, OutputExistsError, writing
+from ..errors import InputError, OutputExistsError, WorkDirError, writing
 from ..output import (
     FORMAT_VERSION,
     LabelView,
@@ -74,7 +74,7 @@ def check_locations(target: OutputTarget, work: WorkDir, inputs: list[Path | Non
     if work.exists():
         try:
             claimed = work.read_manifest().get("output") == target.describe()
-        except InputError:
+        except (InputError, WorkDirError):  # a damaged manifest proves nothing
             claimed = False
     target.check_location(inputs, claimed=claimed)
     paths = [p for p in (*inputs, target.path) if p is not None]
@@ -144,7 +144,8 @@ class EndResult:
 
 def execute(plan: RunPlan, target: OutputTarget, work: WorkDir, manifest: dict[str, Any], *,
             executor: Executor, progress: bool | None, table_path: Path | None,
-            keep_work: bool) -> zarr.Array:
+            keep_work: bool, seam_table: Path | None = None,
+            report_extra: dict[str, Any] | None = None) -> zarr.Array:
     """Steps 2-5 (see the module docstring); the work directory is prepared and locked.
 
     The run's report (:mod:`blockbuster.report`) is stored with the output; an error raised
@@ -155,6 +156,7 @@ def execute(plan: RunPlan, target: OutputTarget, work: WorkDir, manifest: dict[s
     recorder = RunRecorder(output=target.describe(), input=manifest["params"]["input"],
                            executor=executor.name, work_dir=str(work.path),
                            params=manifest["params"], tiles_total=grid.n_tiles)
+    recorder.overlap_auto = (report_extra or {}).get("overlap_auto")
     state = RunState(work, grid.n_tiles)
     writer: PackWriter | None = None
     try:
@@ -195,6 +197,7 @@ def execute(plan: RunPlan, target: OutputTarget, work: WorkDir, manifest: dict[s
         with recorder.stage("end_pass"):
             result = _end_pass(plan, committer, writer, progress)
         _record_end_pass(recorder, committer, result)
+        _record_seams(plan, recorder, committer, seam_table)
         output = committer.output.array
         with recorder.stage("finish"):
             verify_output(target, committer.output, grid, manifest, result.has_labels)
@@ -253,6 +256,27 @@ def _record_end_pass(recorder: RunRecorder, committer: Committer, result: EndRes
     recorder.n_labels = result.n_labels
     recorder.labels_joined_late = book.next_label - 1 - book.n_labels
     recorder.tiles["rewritten"] = result.tiles_rewritten
+
+
+def _record_seams(plan: RunPlan, recorder: RunRecorder, committer: Committer,
+                  seam_table: Path | None) -> None:
+    """The seam report into the run report; its table written; a warning for bad seams."""
+    from ..seams import flag_text, write_seam_table
+
+    source = plan.source
+    names = [source.axes[a].name for a in source.tiled_axes]
+    seams = committer.seams.report(names)
+    if seams is None:
+        return
+    recorder.seams = seams.as_dict()
+    if seam_table is not None:
+        with writing("the seam table", seam_table):
+            write_seam_table(seams, names, seam_table)
+    if seams.worse:
+        log.warning("%s", flag_text(recorder.seams))
+    elif seams.borders:
+        log.info("seams: %s (%d borders, %d flagged)", seams.verdict, seams.borders,
+                 seams.flagged)
 
 
 def _attach_report(exc: BaseException, recorder: RunRecorder) -> None:

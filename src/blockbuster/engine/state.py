@@ -557,9 +557,11 @@ class WorkDir:
             return None
 
     def state(self) -> RunState:
+        """The run's tile state; a :class:`WorkDirError` that says why when there is none."""
+        self.read_manifest()  # a damaged manifest is named as such
         n = self.n_tiles()
         if n is None:
-            raise WorkDirError(f"{self.path} holds no resumable run")
+            raise WorkDirError(f"{self.path} holds no resumable run (its manifest has no tiles)")
         return RunState(self, n)
 
     def done_tiles(self) -> set[int]:
