@@ -24,7 +24,7 @@ from _common import OUT, ROOT
 
 DOCS = ROOT / "docs" / "benchmarks"
 NAMES = ("bench_memory", "bench_connected_components", "bench_overhead", "bench_stitching",
-         "bench_parallel", "bench_whole_image", "bench_tiles")
+         "bench_parallel", "bench_whole_image", "bench_tiles", "bench_peer")
 
 
 def section(name: str) -> str | None:
