@@ -102,3 +102,26 @@ def test_shards_follow_grid_order() -> None:
     assert shard_tiles(TileGrid((4096, 64), (16, 16), (0, 0))) == (64, 4)
     assert shard_tiles(TileGrid((16, 16), (16, 16), (0, 0))) is None
     assert zarr.__version__ >= "3"
+
+
+def test_a_resumed_failed_tile_keeps_the_tiles_of_its_shard(tmp_path: Path) -> None:
+    from blockbuster.errors import TileFailures
+
+    image = _blobs((64, 64), seed=5)
+    failing = {"on": True}
+
+    def flaky(tile: np.ndarray) -> np.ndarray:
+        if failing["on"] and tile.shape == (16, 16) and tile.sum() == image[48:, 48:].sum():
+            raise RuntimeError("this tile fails")
+        return _label(tile)
+
+    out = tmp_path / "sharded.zarr"
+    with pytest.raises(TileFailures):
+        tile_process(image, flaky, (16, 16), 0, output=out, progress=False, retries=0)
+    failing["on"] = False
+    arr = tile_process(image, flaky, (16, 16), 0, output=out, resume=True, progress=False)
+    assert arr.shards is not None
+    np.testing.assert_array_equal(arr[:] > 0, image > 0)
+    np.testing.assert_array_equal(arr[:], tile_process(image, _label, (16, 16), 0,
+                                                       output=tmp_path / "ref.zarr",
+                                                       progress=False)[:])

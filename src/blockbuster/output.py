@@ -587,7 +587,8 @@ class ShardBuffer:
     committer puts each core here; once every tile of a shard has had its turn in grid order
     (:meth:`complete_before`), the shard is written in one piece and its tiles reported as
     written, never before: a crash loses only what was not reported, and the resumed run
-    writes those tiles again from their records.
+    writes those tiles again from their records. A shard is read once before its first tile
+    goes in, so that tiles an earlier attempt wrote there are kept.
     """
 
     def __init__(self, view: LabelView, grid: TileGrid, per: tuple[int, ...]):
@@ -627,8 +628,10 @@ class ShardBuffer:
         shard = self.shard_of(tile_id)
         region = self.region(shard)
         if shard not in self._open:
-            shape = tuple(r.stop - r.start for r in region)
-            self._open[shard] = (np.zeros(shape, self.view.dtype), [])
+            # Start from what the output holds: tiles of this shard written by an earlier
+            # attempt (a run stopped by failed tiles writes its shards as they are) stay.
+            start = np.array(self.view[region], dtype=self.view.dtype)
+            self._open[shard] = (start, [])
         buffer, tiles = self._open[shard]
         core = self.grid.tile(tile_id).core
         local = tuple(slice(c.start - r.start, c.stop - r.start)
