@@ -6,7 +6,9 @@ the ``objects`` and ``threshold`` columns show it. Channels, time points and sin
 added around the nuclei as each format usually stores them, and the nuclei channel is chosen by
 name (or index where the format has no names).
 
-    PYTHONPATH=src python benchmarks/bench_formats.py [--side 1024]
+    PYTHONPATH=src python benchmarks/bench_formats.py [--side 1024] [--quick]
+
+Also writes ``benchmarks/out/bench_formats.md`` and ``.json`` for ``collect.py``.
 """
 
 from __future__ import annotations
@@ -101,15 +103,18 @@ def layouts(folder: Path, image: np.ndarray) -> list[tuple[str, Any, dict[str, A
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--side", type=int, default=1024)
+    parser.add_argument("--quick", action="store_true", help="a 384 x 384 image (smoke test)")
     args = parser.parse_args()
+    if args.quick:
+        args.side = 384
     from blockbuster import open_image, tile_process
     from blockbuster.data import synthetic_nuclei
     from blockbuster.plugins.watershed import WatershedSegmenter
 
     image = synthetic_nuclei((args.side, args.side), diameter=12, seed=7)[0]
-    print("| layout | reader / format | stored axes | tiled | voxel size | objects | "
-          "threshold | s |")
-    print("|---|---|---|---|---|---|---|---|")
+    lines = ["| layout | reader / format | stored axes | tiled | voxel size | objects | "
+             "threshold | s |", "|---|---|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for name, where, options in layouts(folder, image):
@@ -124,11 +129,20 @@ def main() -> None:
             elapsed = time.perf_counter() - start
             scale = ", ".join(f"{s:g}" for s in src.spatial_scale)
             unit = src.spatial_units[-1] or "voxel"
-            print(f"| {name} | {src.meta.reader} / {src.meta.format} | "
-                  f"{','.join(src.axis_names)} {src.shape} | "
-                  f"{','.join(src.axes[a].name for a in src.tiled_axes)} | {scale} {unit} | "
-                  f"{out.attrs['blockbuster']['n_labels']} | "
-                  f"{seg.statistics['threshold']:.1f} | {elapsed:.1f} |")
+            lines.append(f"| {name} | {src.meta.reader} / {src.meta.format} | "
+                         f"{','.join(src.axis_names)} {src.shape} | "
+                         f"{','.join(src.axes[a].name for a in src.tiled_axes)} | "
+                         f"{scale} {unit} | {out.attrs['blockbuster']['n_labels']} | "
+                         f"{seg.statistics['threshold']:.1f} | {elapsed:.1f} |")
+            print(lines[-1], flush=True)
+    from _common import report
+
+    command = "python benchmarks/bench_formats.py" + (" --quick" if args.quick else
+                                                      f" --side {args.side}")
+    report("bench_formats", "Formats", {"": "\n".join(lines)},
+           [f"{args.side} x {args.side} synthetic nuclei (diameter 12), 384 x 384 tiles, the "
+            "watershed segmenter; 'objects' and 'threshold' must be the same in every row."],
+           {"rows": lines[2:]}, command)
 
 
 if __name__ == "__main__":

@@ -3,10 +3,10 @@
 Every image is a generated 2-D float32 zarr array of round nuclei (compressed on disk, written
 chunk by chunk), processed with the same tile shape, overlap and segmentation function
 (threshold + ``scipy.ndimage.label``, stitched with ``stitch="iou"``), each run in a fresh
-process, on the serial engine (the default). Peak RSS is the child's ``VmHWM``; each stage's own
-peak is measured too: ``segment`` (the one pass: read, fn, number, match with finished
-neighbours, write the core) and ``finish`` (rewrite the tiles whose labels were joined later,
-finalize).
+process, with the in-process executor (the default). Peak RSS is the child's ``VmHWM``; each
+stage's own peak is measured too: ``segment`` (read, fn, number; the committer matches each tile
+with its finished neighbours and writes its core) and ``finish`` (the end pass: rewrite the
+tiles whose labels were joined later).
 
 Targets (issue 9): RSS(16 GiB) / RSS(1 GiB) <= 1.1, and the peak within
 ``2 x padded tile bytes x the segmenter's memory factor + 300 MiB``.
@@ -56,7 +56,7 @@ THRESHOLD = 400.0
 FIXED_ALLOWANCE = 300 * MiB
 #: Image sizes (GiB) and their 2-D float32 shapes.
 FULL = {1: (16384, 16384), 4: (32768, 32768), 16: (65536, 65536)}
-#: The serial engine's stages (see ``_common.PhaseRecorder``).
+#: The engine's stages (see ``_common.PhaseRecorder``).
 STAGES = ("segment", "finish")
 QUICK = {0.0625: (4096, 4096), 0.25: (8192, 8192), 0.5: (8192, 16384)}
 

@@ -5,12 +5,13 @@ verdicts) and ``benchmarks/out/<name>.png``. This script copies each PNG to
 ``docs/benchmarks/<name>.png`` and replaces the text between the markers
 ``<!-- <name>:start -->`` and ``<!-- <name>:end -->`` in ``BENCHMARKS.md`` with the Markdown
 result, so the hand-written analysis around the markers stays as it is. The block between
-``<!-- summary:start -->`` and ``<!-- summary:end -->`` gets one row per target.
+``<!-- summary:start -->`` and ``<!-- summary:end -->`` gets one row per target (rows of the
+benchmarks without new results are kept).
 
-Results of ``--quick`` runs are skipped unless ``--allow-quick`` is given. ``--only NAME ...``
-updates those benchmarks alone: the summary keeps the other benchmarks' rows as they are.
+Results of ``--quick`` runs are skipped unless ``--allow-quick`` is given.
 
-Run: ``python benchmarks/collect.py [--only bench_tiles ...]`` (after running the benchmarks).
+Run: ``python benchmarks/collect.py [--allow-quick] [--skip NAME ...]`` (after running the
+benchmarks; ``--skip`` leaves those sections as they are).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from _common import OUT, ROOT
 
 DOCS = ROOT / "docs" / "benchmarks"
 NAMES = ("bench_memory", "bench_connected_components", "bench_overhead", "bench_stitching",
-         "bench_parallel", "bench_whole_image", "bench_tiles", "bench_peer")
+         "bench_parallel", "bench_whole_image", "bench_engine", "bench_fidelity", "bench_formats",
+         "bench_tiles", "bench_peer")
 
 
 def section(name: str) -> str | None:
@@ -33,16 +35,26 @@ def section(name: str) -> str | None:
     if not path.exists():
         return None
     lines = path.read_text().splitlines()
-    body = [line for line in lines if not line.startswith("## ")]
-    return "\n".join(body).strip() + f"\n\n![{name}](docs/benchmarks/{name}.png)"
+    body = "\n".join(line for line in lines if not line.startswith("## ")).strip()
+    if (OUT / f"{name}.png").exists():  # not every benchmark draws a plot
+        body += f"\n\n![{name}](docs/benchmarks/{name}.png)"
+    return body
 
 
-def summary(names: list[str], kept: list[str] | None = None) -> str:
-    """One row per target (the MET/MISSED verdicts of the included results); ``kept``: rows
-    of the summary so far, for the benchmarks not updated now."""
+def summary(names: list[str], text: str) -> str:
+    """One row per target: the MET/MISSED verdicts of the included results, and the rows
+    already in ``text`` for the benchmarks not included this time (in ``NAMES`` order)."""
+    kept: dict[str, list[str]] = {}
+    block = re.search(r"<!-- summary:start -->\n(.*?)<!-- summary:end -->", text, re.S)
+    for line in (block.group(1).splitlines() if block else []):
+        found = re.match(r"\| \[(\w+)\]", line)
+        if found and found.group(1) not in names:
+            kept.setdefault(found.group(1), []).append(line)
     rows = ["| benchmark | | figure (target) | measured |", "|---|---|---|---|"]
-    rows += [r for r in kept or [] if not any(f"[{n}]" in r for n in names)]
-    for name in names:
+    for name in [*NAMES, *(k for k in kept if k not in NAMES)]:
+        if name not in names:
+            rows += kept.get(name, [])
+            continue
         data = json.loads((OUT / f"{name}.json").read_text())
         for line in data["verdicts"]:
             status, _, rest = line.partition(": ")
@@ -66,9 +78,11 @@ def main() -> int:
     text = target.read_text()
     DOCS.mkdir(parents=True, exist_ok=True)
     included = []
-    only = sys.argv[sys.argv.index("--only") + 1:] if "--only" in sys.argv else None
-    only = [n for n in only if not n.startswith("--")] if only is not None else None
-    for name in only or NAMES:
+    skip = set(sys.argv[sys.argv.index("--skip") + 1:]) if "--skip" in sys.argv else set()
+    for name in NAMES:
+        if name in skip:
+            print(f"{name}: skipped")
+            continue
         body = section(name)
         if body is None:
             print(f"{name}: no results in {OUT}; run benchmarks/{name}.py first")
@@ -83,14 +97,10 @@ def main() -> int:
             continue
         text = updated
         included.append(name)
-        shutil.copy(OUT / f"{name}.png", DOCS / f"{name}.png")
+        if (OUT / f"{name}.png").exists():
+            shutil.copy(OUT / f"{name}.png", DOCS / f"{name}.png")
         print(f"{name}: updated")
-    kept = None
-    if only:
-        old = re.search(r"<!-- summary:start -->\n(.*?)<!-- summary:end -->", text, re.S)
-        kept = [r for r in (old.group(1).splitlines() if old else [])
-                if r.startswith("| [")]
-    text = replace(text, "summary", summary(included, kept)) or text
+    text = replace(text, "summary", summary(included, text)) or text
     target.write_text(text)
     return 0
 

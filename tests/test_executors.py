@@ -96,6 +96,32 @@ def test_a_local_cluster_gives_the_serial_labels_id_for_id(case, cluster_client)
     assert np.array_equal(parallel, serial)
 
 
+def _label_and_sign(folder: str):
+    """``label``, writing the pid of the process that ran each tile into ``folder``."""
+    def segment(tile: np.ndarray) -> np.ndarray:
+        import os
+
+        time.sleep(0.02)  # long enough for the scheduler to see both workers busy
+        with open(os.path.join(folder, f"{os.getpid()}.log"), "a") as f:
+            f.write("tile\n")
+        return label(tile)
+
+    return segment
+
+
+@pytest.mark.slow
+def test_tiles_are_spread_over_the_workers(cluster_client, tmp_path):
+    """Every tile needs the run's context: the tiles must not all go where its one copy is."""
+    mask = comb_mask((240, 240))
+    signed = tmp_path / "signed"
+    signed.mkdir()
+    tile_process(mask, _label_and_sign(str(signed)), (30, 30), client=cluster_client,
+                 output=tmp_path / "out.zarr", progress=False)
+    per_worker = [len(p.read_text().splitlines()) for p in signed.iterdir()]
+    assert sum(per_worker) == 64
+    assert len(per_worker) == 2 and min(per_worker) >= 8, per_worker
+
+
 def test_past_the_uint32_limit_the_output_becomes_uint64(tmp_path, monkeypatch):
     """The output is converted (chunk by chunk, swapped in) when the labels outgrow it."""
     mask = comb_mask((120, 120)) | (np.random.default_rng(1).random((120, 120)) < 0.3)

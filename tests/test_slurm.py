@@ -108,11 +108,16 @@ def _slurm_unavailable() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    """The inputs, the test plugin, and serial reference runs (read-only for the tests)."""
+def slurm() -> None:
+    """Skip, saying why, where no SLURM partition takes jobs."""
     reason = _slurm_unavailable()
     if reason:
         pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, slurm: None) -> Path:
+    """The inputs, the test plugin, and serial reference runs (read-only for the tests)."""
     root = tmp_path_factory.mktemp("slurm-data")
     write_synthetic_nuclei(root / "img.zarr", (256, 256), chunks=(128, 128))
     mask = np.tile(comb_mask(), (2, 2))  # U shapes and hooks crossing the tile borders
@@ -366,7 +371,8 @@ def test_jobs_that_cannot_start_stop_the_run_with_a_clear_error(data: Path, tmp_
     assert not queued_jobs() & set(keeper.replaced)
 
 
-def test_without_the_queues_word_a_job_whose_worker_left_is_replaced(tmp_path) -> None:
+def test_without_the_queues_word_a_job_whose_worker_left_is_replaced(tmp_path,
+                                                                    slurm: None) -> None:
     """How LSF and PBS jobs are kept (no squeue there): dask drops a worker that left, and the
     keeper replaces its job."""
     import dask

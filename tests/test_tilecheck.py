@@ -93,7 +93,25 @@ def test_preview_refuses_bad_arguments(nuclei: np.ndarray) -> None:
     with pytest.raises(InputError, match="tiles"):
         preview_tiling(nuclei, connected, tiles=0)
     with pytest.raises(InputError, match="inside the image"):
-        preview_tiling(nuclei, connected, at=(600, 3))
+        preview_tiling(nuclei, connected, tile_shape=(128, 128), at=(600, 3))
+
+
+def test_a_tiling_of_one_tile_is_refused_at_once_and_needs_no_overlap(nuclei: np.ndarray,
+                                                                      tmp_path: Path) -> None:
+    """'auto' tiles can hold the whole image: nothing to preview, and no overlap to choose."""
+    calls = []
+
+    def counted(tile: np.ndarray) -> np.ndarray:
+        calls.append(tile.shape)
+        return connected(tile)
+
+    with pytest.raises(InputError, match=r"one tile.*tile_shape"):
+        preview_tiling(nuclei, counted)  # "auto": the 512 x 512 image fits in one tile
+    assert not calls
+    out = tile_process(nuclei, counted, "auto", overlap="auto", output=tmp_path / "one.zarr",
+                       progress=False)
+    assert run_report(out).overlap_auto["chosen"] == [0, 0]
+    assert calls == [(512, 512)]
 
 
 def test_overlap_candidates_are_on_the_grid() -> None:

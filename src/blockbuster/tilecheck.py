@@ -343,7 +343,8 @@ def _quiet_runs() -> Iterator[None]:
 
 def _prepare(image: Any, fn: Any, *, at: Sequence[int] | None, tiles: int, tile_shape: Any,
              overlap: Any, stitch: str, iou_threshold: float, connectivity: int,
-             channel_axis: int | None, channels: Any, use_gpu: bool, memory: Any) -> _Window:
+             channel_axis: int | None, channels: Any, use_gpu: bool, memory: Any,
+             one_tile_ok: bool = False) -> _Window:
     from .segmenter import grid_per_axis
 
     source = _spatial_source(image, channel_axis, channels)
@@ -352,6 +353,12 @@ def _prepare(image: Any, fn: Any, *, at: Sequence[int] | None, tiles: int, tile_
                  memory=memory)
     grid = plan.grid
     linked = grid.linked_axes
+    if one_tile_ok is False and all(grid.grid_shape[a] == 1 for a in linked):
+        # Comparing a single tile with itself would take as long as the run and prove nothing.
+        raise InputError(
+            f"the tiling puts the whole image {tuple(source.spatial_shape)} in one tile "
+            f"(tile_shape={tile_shape!r} chose {tuple(grid.tile_shape[a] for a in linked)}): "
+            "there is no tile border to check. Pass the tile shape of your run ($tile_shape)")
     first = _window_start(grid, source, at, tiles)
     window = []
     for axis, i in zip(linked, first, strict=True):
@@ -489,7 +496,11 @@ def choose_overlap(
     win = _prepare(image, fn, at=at, tiles=tiles, tile_shape=tile_shape, overlap=0,
                    stitch="faces" if stitch == "iou" else stitch, iou_threshold=iou_threshold,
                    connectivity=connectivity, channel_axis=channel_axis, channels=channels,
-                   use_gpu=use_gpu, memory=memory)
+                   use_gpu=use_gpu, memory=memory, one_tile_ok=True)
+    grid = win.plan.grid
+    if all(grid.grid_shape[a] == 1 for a in grid.linked_axes):
+        log.info("overlap auto: the image is one tile, so no overlap is needed")
+        return OverlapChoice([0] * len(win.tile), True, [], [[w.start, w.stop] for w in win.window])
     mode = stitch if stitch != "auto" else _auto_mode(win)
     curve: list[dict[str, Any]] = []
     chosen: tuple[int, ...] | None = None

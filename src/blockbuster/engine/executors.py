@@ -17,6 +17,8 @@ on another.
 
 from __future__ import annotations
 
+import math
+import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
@@ -190,9 +192,12 @@ class Dask(Executor):
         # The context is a task's result rather than scattered data: if the worker holding it
         # dies, the scheduler recomputes it instead of cancelling every tile that needs it.
         ctx_future = client.submit(_identity, ctx, key=f"{prefix}-context", pure=False)
+        spread = _Spread(client, ctx_future)
         batch = max(1, min(64, len(todo) // (self._threads() * WRITE_BATCHES_PER_THREAD)))
         futures = as_completed(with_results=True, raise_errors=False)
-        every: list[Any] = []
+        # Only the futures not done yet: a finished one is let go at once, so that workers do
+        # not keep every tile's result until the end of the run.
+        outstanding: dict[str, Any] = {}
         pending: list[WriteJob] = list(committer.rewrite_jobs())
         segments_left = len(todo)
 
@@ -203,7 +208,7 @@ class Dask(Executor):
                 future = client.submit(write_jobs, committer.output, ctx.grid, ctx.work_path,
                                        group, key=f"{prefix}-write-{group[0].tile_id}",
                                        priority=1, pure=False)
-                every.append(future)
+                outstanding[future.key] = future
                 futures.add(future)
 
         segment_of: dict[str, int] = {}
@@ -212,11 +217,13 @@ class Dask(Executor):
                                    key=f"{prefix}-segment-{tile_id}", priority=-tile_id,
                                    pure=False)
             segment_of[future.key] = tile_id
-            every.append(future)
+            outstanding[future.key] = future
             futures.add(future)
         submit_writes(force=segments_left == 0)
         try:
             for future, result in futures:
+                outstanding.pop(future.key, None)
+                spread.check()
                 failure = _failure(future, result)
                 if failure is not None and future.key in segment_of:
                     # The cluster gave up on the tile (its worker kept dying): a failed tile,
@@ -233,8 +240,38 @@ class Dask(Executor):
                         committer.written(tile_id)
                 submit_writes(force=segments_left == 0)
         except BaseException:
-            client.cancel(every)
+            client.cancel(list(outstanding.values()))
             raise
+
+
+class _Spread:
+    """Keeps a copy of the run's context on every worker, workers that join later included.
+
+    Every tile task needs the context, and the scheduler sends a task where its data is: with
+    one copy, every tile would run on the worker that holds it.
+    """
+
+    #: Seconds between two looks for new workers.
+    INTERVAL = 5.0
+
+    def __init__(self, client: Any, future: Any):
+        from distributed import wait
+
+        self.client, self.future = client, future
+        wait([future])
+        self.workers: set[str] = set()
+        self.last = -math.inf
+        self.check()
+
+    def check(self) -> None:
+        now = time.monotonic()
+        if now - self.last < self.INTERVAL:
+            return
+        self.last = now
+        workers = set(self.client.nthreads())
+        if workers - self.workers:
+            self.client.replicate([self.future])
+        self.workers = workers
 
 
 def _failure(future: Any, result: Any) -> BaseException | None:

@@ -338,7 +338,8 @@ def _end_pass(plan: RunPlan, committer: Committer, writer: PackWriter,
         final = apply_changes(glabels, old, new)
         if reducer is not None and has_labels[t]:
             reducer.add({"counts": counts, **entry.get_prefixed("s:")}, final)
-        if t not in state.fixed and old.size and np.isin(glabels, old).any():
+        # (not np.isin(glabels, old): it sorts all of ``old`` again for every tile)
+        if t not in state.fixed and not np.array_equal(final, glabels):
             todo.append(t)
     log.info("%d objects; %d tile(s) hold labels joined or moved after they were written",
              committer.book.n_labels, len(todo))
