@@ -130,9 +130,16 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _options(parser: Any) -> None:
+    parser.add_argument("--tiles", type=int, nargs="+",
+                        help="only these tile edges (default: all of the configuration)")
+
+
 def main() -> None:
-    args = parse_args(__doc__.splitlines()[0])
-    cfg = QUICK if args.quick else FULL
+    args = parse_args(__doc__.splitlines()[0], _options)
+    cfg = dict(QUICK if args.quick else FULL)
+    if args.tiles:
+        cfg["tiles"] = tuple(args.tiles)
     image = write_zarr(DATA / f"nuclei_u16_{cfg['image'][0]}x{cfg['image'][1]}.zarr",
                        cfg["image"], (256, 256), "uint16",
                        functools.partial(nuclei_block, spacing=40),

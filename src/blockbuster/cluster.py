@@ -4,8 +4,10 @@ blockbuster never schedules work itself beyond its serial mode: with more than o
 hands the tile tasks to a ``distributed.Client``. This module builds the usual clusters:
 
 * :func:`local_cluster` -- N worker processes on this machine, one thread each (one model per
-  worker). With ``gpus=[0, 1]`` each worker is pinned to its own GPU through
-  ``CUDA_VISIBLE_DEVICES``, set in the worker's environment before anything touches CUDA.
+  worker). With ``gpus=[0, 1]`` each worker is pinned to its own GPU: through dask-cuda's
+  ``LocalCUDACluster`` when dask-cuda is installed (it also sets each worker's CPU affinity to
+  the GPU's socket), else through ``CUDA_VISIBLE_DEVICES``, set in the worker's environment
+  before anything touches CUDA (:func:`choose_gpu_cluster` decides, and says why).
 * :func:`jobqueue_cluster` -- SLURM, LSF or PBS jobs through dask-jobqueue
   (``pip install "blockbuster[cluster]"``), submitted before it returns (a refused submission
   raises :class:`~blockbuster.errors.ClusterError` with the queue's message).
@@ -15,11 +17,15 @@ hands the tile tasks to a ``distributed.Client``. This module builds the usual c
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import logging
+import os
 import signal
 import subprocess
 import threading
 import time
+from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -28,8 +34,18 @@ from .errors import ClusterError, InputError, PluginNotInstalledError
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-__all__ = ["CLUSTER_KINDS", "JobKeeper", "gpu_worker_specs", "job_ids", "jobqueue_cluster",
-           "local_cluster", "submit_jobs"]
+__all__ = [
+    "CLUSTER_KINDS",
+    "GpuClusterChoice",
+    "JobKeeper",
+    "choose_gpu_cluster",
+    "gpu_worker_specs",
+    "job_ids",
+    "jobqueue_cluster",
+    "local_cluster",
+    "submit_jobs",
+    "visible_gpu_count",
+]
 
 log = logging.getLogger("blockbuster")
 
@@ -56,6 +72,96 @@ def gpu_worker_specs(gpus: list[int], memory_limit: str | int | None = None) -> 
     return specs
 
 
+@dataclass(frozen=True)
+class GpuClusterChoice:
+    """How the GPU workers are started: ``"dask-cuda"`` or ``"pinned"`` (plain dask workers),
+    on which GPUs, and the sentence that says why (logged)."""
+
+    kind: str
+    gpus: tuple[int, ...]
+    message: str
+
+
+def visible_gpu_count() -> int | None:
+    """The NVIDIA GPUs this process may use (NVML, within ``CUDA_VISIBLE_DEVICES``); None when
+    it cannot be told (no nvidia-ml-py, no driver)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return 0
+    if importlib.util.find_spec("pynvml") is None:
+        return None
+    import pynvml
+
+    try:
+        pynvml.nvmlInit()
+    except Exception:  # noqa: BLE001 -- NVMLError and friends: no driver, so cannot tell
+        return None
+    try:
+        count = int(pynvml.nvmlDeviceGetCount())
+    except Exception:  # noqa: BLE001 -- as above
+        return None
+    finally:
+        with contextlib.suppress(Exception):
+            pynvml.nvmlShutdown()
+    if visible is not None:
+        count = min(count, len([v for v in visible.split(",") if v.strip()]))
+    return count
+
+
+def choose_gpu_cluster(gpus: list[int], *, have_dask_cuda: bool | None = None,
+                       n_visible: int | str | None = "probe") -> GpuClusterChoice:
+    """Decide how to start one worker per GPU, refusing GPUs that are not there.
+
+    Parameters
+    ----------
+    gpus
+        The GPU indices asked for (one worker each).
+    have_dask_cuda
+        Whether dask-cuda is installed (default: looked up).
+    n_visible
+        How many GPUs this process sees (default: :func:`visible_gpu_count`); None when that
+        cannot be told, in which case the GPUs asked for are trusted.
+
+    Raises
+    ------
+    ClusterError
+        No GPU is visible, or an index asked for is past the last one.
+
+    Examples
+    --------
+    >>> choose_gpu_cluster([0, 1], have_dask_cuda=True, n_visible=4).kind
+    'dask-cuda'
+    >>> choose_gpu_cluster([0], have_dask_cuda=False, n_visible=None).kind
+    'pinned'
+    """
+    if not gpus:
+        raise InputError("gpus=[] asks for no GPU; pass GPU indices, e.g. gpus=[0, 1]")
+    if len(set(gpus)) != len(gpus) or min(gpus) < 0:
+        raise InputError(f"gpus={gpus} must be distinct indices >= 0")
+    count = visible_gpu_count() if n_visible == "probe" else n_visible
+    if count == 0:
+        raise ClusterError(
+            f"GPU workers were asked for (GPUs {gpus}), but no GPU is visible to this process "
+            "(NVML finds none, or CUDA_VISIBLE_DEVICES hides them all); run without --gpu, "
+            "or on a machine with GPUs")
+    if isinstance(count, int) and max(gpus) >= count:
+        raise ClusterError(
+            f"GPU workers were asked for on GPUs {gpus}, but this machine shows {count} "
+            f"GPU(s) (indices 0..{count - 1}); ask for at most {count} worker(s)")
+    if have_dask_cuda is None:
+        have_dask_cuda = importlib.util.find_spec("dask_cuda") is not None
+    seen = "an unknown number of GPUs (no NVML)" if count is None else f"{count} GPU(s)"
+    if have_dask_cuda:
+        return GpuClusterChoice("dask-cuda", tuple(gpus),
+                                f"dask-cuda LocalCUDACluster: one worker per GPU on {list(gpus)} "
+                                f"(this machine shows {seen})")
+    return GpuClusterChoice("pinned", tuple(gpus),
+                            f"dask-cuda is not installed: one plain dask worker per GPU on "
+                            f"{list(gpus)}, each pinned with CUDA_VISIBLE_DEVICES (this machine "
+                            f"shows {seen}); pip install dask-cuda for its CPU affinity and "
+                            "GPU memory spilling")
+
+
 def local_cluster(n_workers: int = 2, *, gpus: list[int] | None = None,
                   memory_limit: str | int | None = "auto", dashboard: bool = False) -> Any:
     """A cluster of worker processes on this machine.
@@ -65,11 +171,15 @@ def local_cluster(n_workers: int = 2, *, gpus: list[int] | None = None,
     n_workers : int
         Worker processes (ignored when ``gpus`` is given: one worker per GPU).
     gpus : list of int, optional
-        GPU indices; each gets one worker pinned to it.
+        GPU indices; each gets one worker pinned to it (see :func:`choose_gpu_cluster`).
     memory_limit : str or int
         Per-worker memory limit, as dask understands it.
     """
     if gpus:
+        choice = choose_gpu_cluster(list(gpus))
+        log.info("%s", choice.message)
+        if choice.kind == "dask-cuda":
+            return _cuda_cluster(choice.gpus, memory_limit, dashboard)
         from distributed import Scheduler, SpecCluster
 
         scheduler = {"cls": Scheduler,
@@ -84,6 +194,17 @@ def local_cluster(n_workers: int = 2, *, gpus: list[int] | None = None,
     return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
                         memory_limit=memory_limit, dashboard_address=":0",
                         scheduler_kwargs={"dashboard": dashboard})
+
+
+def _cuda_cluster(gpus: tuple[int, ...], memory_limit: str | int | None,
+                  dashboard: bool) -> Any:
+    """dask-cuda's cluster: one single-threaded worker per GPU (one model each)."""
+    from dask_cuda import LocalCUDACluster
+
+    return LocalCUDACluster(CUDA_VISIBLE_DEVICES=",".join(str(g) for g in gpus),
+                            n_workers=len(gpus), threads_per_worker=1,
+                            memory_limit=memory_limit, dashboard_address=":0",
+                            scheduler_kwargs={"dashboard": dashboard})
 
 
 def jobqueue_cluster(kind: str, *, cores: int = 1, memory: str = "16GB", processes: int = 1,

@@ -42,6 +42,7 @@ __all__ = [
     "completion",
     "is_blockbuster_output",
     "label_chunks",
+    "label_shards",
     "mark_complete",
     "missing_chunks",
     "ome_work_dir",
@@ -115,10 +116,12 @@ class OutputTarget:
         return zarr.open_array(store=store, mode=mode)
 
     def create(self, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: np.dtype,
-               attrs: dict[str, Any]) -> zarr.Array:
+               attrs: dict[str, Any], shards: tuple[int, ...] | None = None) -> zarr.Array:
         """A new, empty output (replacing an earlier output of blockbuster's own).
 
         Only call it in a run that checked the location first (:meth:`check_location`).
+        ``shards``: a zarr v3 shard shape, many tile chunks per file (plain zarr outputs only;
+        an OME-Zarr label image keeps one file per chunk, as its image may be zarr v2).
         """
         replace_store = self.path is None and self.owned()
         self.remove(claimed=True)
@@ -127,7 +130,7 @@ class OutputTarget:
             names = [a.name for a in self.axes] if self.axes else None
             return zarr.create_array(store=store, shape=shape, chunks=chunks, dtype=dtype,
                                      fill_value=0, attributes=attrs, overwrite=replace_store,
-                                     dimension_names=names)
+                                     dimension_names=names, shards=shards)
         from .ome import create_label_level0
 
         arr = create_label_level0(self.ome_image, self.label_name, shape, chunks, dtype,
@@ -157,16 +160,19 @@ class OutputTarget:
         shutil.rmtree(tmp, ignore_errors=True)
         kwargs: dict[str, Any] = {"shape": arr.shape, "chunks": arr.chunks, "dtype": np.uint64,
                                   "fill_value": 0, "attributes": dict(arr.attrs),
-                                  "zarr_format": arr.metadata.zarr_format}
+                                  "zarr_format": arr.metadata.zarr_format,
+                                  "shards": arr.shards}
         names = getattr(arr.metadata, "dimension_names", None)
         if names:
             kwargs["dimension_names"] = names
         wide = zarr.create_array(store=str(tmp), **kwargs)
-        indices = [tuple(int(i) for i in idx) for idx in np.ndindex(*arr.cdata_shape)]
-        stored = set(indices) - set(missing_chunks(arr, indices))
+        unit = storage_shape(arr)  # whole shards: never two writes to one file
+        grid = tuple(-(-s // u) for s, u in zip(arr.shape, unit, strict=True))
+        indices = [tuple(int(i) for i in idx) for idx in np.ndindex(*grid)]
+        stored = set(indices) - set(missing_chunks(arr, indices, stored_units=True))
         for idx in stored:
             region = tuple(slice(i * c, min((i + 1) * c, s))
-                           for i, c, s in zip(idx, arr.chunks, arr.shape, strict=True))
+                           for i, c, s in zip(idx, unit, arr.shape, strict=True))
             wide[region] = np.asarray(arr[region]).astype(np.uint64)
         assert self.array_path is not None
         self.array_path.rename(old)
@@ -525,6 +531,138 @@ def label_chunks(source: ImageSource, grid: TileGrid) -> tuple[int, ...]:
     return tuple(s.stop - s.start for s in index)
 
 
+#: Tiles whose core holds at most this many voxels are stored sharded (zarr v3): one file per
+#: shard of about SHARD_TILES tiles instead of one per tile (a million 16 x 16 tiles would
+#: otherwise be a million files). Larger tiles make files large enough on their own.
+SHARD_MAX_TILE_VOXELS = 128 * 128
+SHARD_TILES = 256
+
+
+def shard_tiles(grid: TileGrid) -> tuple[int, ...] | None:
+    """How many tiles a shard spans along each tiled axis, or None to store unsharded.
+
+    Shards are filled along the last axis first (grid order), so the committer, which writes
+    tiles in grid order, finishes one shard before it starts the next but one: at most about
+    two shards are held in memory (:class:`ShardBuffer`).
+
+    Examples
+    --------
+    >>> from blockbuster.tiling import TileGrid
+    >>> shard_tiles(TileGrid((4096, 4096), (16, 16), (0, 0)))
+    (1, 256)
+    >>> shard_tiles(TileGrid((64, 64, 64), (8, 8, 8), (0, 0, 0)))
+    (4, 8, 8)
+    >>> shard_tiles(TileGrid((4096, 4096), (512, 512), (0, 0))) is None
+    True
+    """
+    if int(np.prod(grid.tile_shape)) > SHARD_MAX_TILE_VOXELS or grid.n_tiles < 2:
+        return None
+    per = [1] * grid.ndim
+    left = SHARD_TILES
+    for axis in reversed(range(grid.ndim)):
+        take = min(grid.grid_shape[axis], left)
+        per[axis] = max(1, take)
+        left //= per[axis]
+        if left <= 1:
+            break
+    return tuple(per) if int(np.prod(per)) > 1 else None
+
+
+def label_shards(source: ImageSource, grid: TileGrid) -> tuple[int, ...] | None:
+    """The output's shard shape over the label axes, or None (see :func:`shard_tiles`)."""
+    per = shard_tiles(grid)
+    if per is None:
+        return None
+    # the tile counts mapped onto the label axes (k <= the grid <= the image: never clipped)
+    counts = source.label_index(tuple(slice(0, k) for k in per))
+    return tuple(c * (s.stop - s.start)
+                 for c, s in zip(label_chunks(source, grid), counts, strict=True))
+
+
+class ShardBuffer:
+    """Tile cores of a sharded output gathered in memory, each shard written once, whole.
+
+    Writing one tile into a shard that holds others makes zarr read, merge and rewrite the
+    whole shard (and two writers of one shard would lose each other's tiles). Instead the
+    committer puts each core here; once every tile of a shard has had its turn in grid order
+    (:meth:`complete_before`), the shard is written in one piece and its tiles reported as
+    written, never before: a crash loses only what was not reported, and the resumed run
+    writes those tiles again from their records. A shard is read once before its first tile
+    goes in, so that tiles an earlier attempt wrote there are kept.
+    """
+
+    def __init__(self, view: LabelView, grid: TileGrid, per: tuple[int, ...]):
+        self.view = view
+        self.grid = grid
+        self.per = per
+        self._open: dict[tuple[int, ...], tuple[np.ndarray, list[int]]] = {}
+
+    @classmethod
+    def for_output(cls, view: LabelView, grid: TileGrid) -> ShardBuffer | None:
+        """A buffer when the output is sharded as :func:`label_shards` makes it, else None."""
+        shards = view.array.shards
+        per = shard_tiles(grid)
+        if shards is None or per is None:
+            return None
+        if tuple(shards) != label_shards(view.source, grid):
+            return None  # not our layout: plain (read-modify-write) writes stay correct
+        return cls(view, grid, per)
+
+    def shard_of(self, tile_id: int) -> tuple[int, ...]:
+        index = self.grid.tile(tile_id).index
+        return tuple(i // k for i, k in zip(index, self.per, strict=True))
+
+    def region(self, shard: tuple[int, ...]) -> tuple[slice, ...]:
+        """The shard's region over the tiled axes (clipped to the image)."""
+        return tuple(slice(i * k * t, min((i + 1) * k * t, n)) for i, k, t, n in
+                     zip(shard, self.per, self.grid.tile_shape, self.grid.shape, strict=True))
+
+    def last_tile(self, shard: tuple[int, ...]) -> int:
+        """The shard's last tile in grid order."""
+        index = tuple(min((i + 1) * k, g) - 1 for i, k, g in
+                      zip(shard, self.per, self.grid.grid_shape, strict=True))
+        return int(np.ravel_multi_index(index, self.grid.grid_shape))
+
+    def put(self, tile_id: int, values: np.ndarray) -> None:
+        """Hold a tile's core (labels in the output's dtype) until its shard is written."""
+        shard = self.shard_of(tile_id)
+        region = self.region(shard)
+        if shard not in self._open:
+            # Start from what the output holds: tiles of this shard written by an earlier
+            # attempt (a run stopped by failed tiles writes its shards as they are) stay.
+            start = np.array(self.view[region], dtype=self.view.dtype)
+            self._open[shard] = (start, [])
+        buffer, tiles = self._open[shard]
+        core = self.grid.tile(tile_id).core
+        local = tuple(slice(c.start - r.start, c.stop - r.start)
+                      for c, r in zip(core, region, strict=True))
+        buffer[local] = values
+        tiles.append(tile_id)
+
+    def widen(self, dtype: np.dtype) -> None:
+        """The output became ``dtype`` (uint64): so do the held cores."""
+        self._open = {k: (b.astype(dtype), t) for k, (b, t) in self._open.items()}
+
+    def complete_before(self, frontier: int) -> list[int]:
+        """Write every held shard whose tiles all come before ``frontier`` in grid order;
+        returns the tiles now in the output."""
+        done = [s for s in self._open if self.last_tile(s) < frontier]
+        return [t for shard in done for t in self._write(shard)]
+
+    def flush(self) -> list[int]:
+        """Write every held shard (the run's end: every tile had its turn)."""
+        return [t for shard in list(self._open) for t in self._write(shard)]
+
+    def _write(self, shard: tuple[int, ...]) -> list[int]:
+        buffer, tiles = self._open.pop(shard)
+        self.view[self.region(shard)] = buffer
+        return tiles
+
+    @property
+    def held_tiles(self) -> int:
+        return sum(len(t) for _, t in self._open.values())
+
+
 def verify_output(target: OutputTarget, view: LabelView, grid: TileGrid,
                   manifest: dict[str, Any], has_labels: np.ndarray | None) -> None:
     """Check what the run wrote before it may be called complete.
@@ -566,9 +704,25 @@ def verify_output(target: OutputTarget, view: LabelView, grid: TileGrid,
         raise fail(f"{len(missing)} tile(s) with objects have no stored chunk ({shown})")
 
 
-def missing_chunks(arr: zarr.Array, indices: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
-    """The chunk indices among ``indices`` whose chunk is not stored in ``arr``'s store."""
+def storage_shape(arr: zarr.Array) -> tuple[int, ...]:
+    """The shape of what one file of ``arr`` holds: a shard when sharded, else a chunk."""
+    return tuple(arr.shards) if arr.shards is not None else tuple(arr.chunks)
+
+
+def missing_chunks(arr: zarr.Array, indices: list[tuple[int, ...]], *,
+                   stored_units: bool = False) -> list[tuple[int, ...]]:
+    """The chunk indices among ``indices`` whose chunk is not stored in ``arr``'s store.
+
+    In a sharded array a chunk counts as stored when its shard is (``stored_units``: the
+    indices are of shards already).
+    """
     from zarr.core.sync import sync
+
+    if arr.shards is not None and not stored_units:
+        per = tuple(s // c for s, c in zip(arr.shards, arr.chunks, strict=True))
+        shard_of = {i: tuple(a // p for a, p in zip(i, per, strict=True)) for i in indices}
+        gone = set(missing_chunks(arr, sorted(set(shard_of.values())), stored_units=True))
+        return [i for i in indices if shard_of[i] in gone]
 
     prefix = f"{arr.path}/" if arr.path else ""
 

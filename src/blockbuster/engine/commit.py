@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BlockbusterError, TileError, TileFailures
-from ..output import LabelView
+from ..output import LabelView, ShardBuffer
 from ..seams import SeamRecorder
 from ..stitching import (
     UINT32_LIMIT,
@@ -91,17 +91,19 @@ def write_jobs(output: LabelView, grid: TileGrid, work_path: Any, jobs: list[Wri
     reader = _PackReader(Path(work_path) / "packs")
     try:
         for job in jobs:
-            tile = grid.tile(job.tile_id)
-            if not job.spill and job.raw is not None:
-                labels = reader.entry(job.raw).get("labels")
-                output[tile.core] = job.glabels.astype(output.dtype)[labels]
-                continue
-            core = _whole_core(output.dtype, grid, tile, job, reader)
+            core = job_core(output.dtype, grid, job, reader)
             if core is not None:
-                output[tile.core] = core
+                output[grid.tile(job.tile_id).core] = core
     finally:
         reader.close()
     return [job.tile_id for job in jobs]
+
+
+def job_core(dtype: np.dtype, grid: TileGrid, job: WriteJob, reader: Any) -> np.ndarray | None:
+    """A tile's core with its final labels (None: a skipped tile that nothing reaches)."""
+    if not job.spill and job.raw is not None:
+        return job.glabels.astype(dtype)[reader.entry(job.raw).get("labels")]
+    return _whole_core(dtype, grid, grid.tile(job.tile_id), job, reader)
 
 
 def _whole_core(dtype: np.dtype, grid: TileGrid, tile: Tile, job: WriteJob, reader: Any,
@@ -156,7 +158,10 @@ class Committer:
         self.writer = writer
         self.output = output
         self._convert = convert_to_uint64
-        self.remote_writes = remote_writes
+        #: a sharded output: cores gathered per shard, each shard written once, here (two
+        #: workers writing tiles of one shard would lose each other's)
+        self.shards = ShardBuffer.for_output(output, grid)
+        self.remote_writes = remote_writes and self.shards is None
         self.on_progress = on_progress
         self.failures: list[TileError] = []
         self.succeeded = 0
@@ -255,7 +260,10 @@ class Committer:
             self.seams.add_control(seg.control)
         meta: dict[str, Any] = {"n": seg.n, "skipped": seg.skipped, "assigned": True}
         arrays = {**seg.record_arrays(), "glabels": glabels, "merges": merges}
-        if seg.labels is not None:
+        if seg.labels is not None and self.shards is not None:
+            arrays["labels"] = seg.labels  # kept until its shard is written (a resume needs it)
+            meta["raw_here"] = True
+        elif seg.labels is not None:
             self.output[tile.core] = glabels.astype(self.output.dtype)[seg.labels]
             meta["written"] = True
         elif seg.raw is not None:
@@ -268,6 +276,8 @@ class Committer:
         self.frontier += 1
         if seg.raw is not None:
             self._pending_jobs.append(WriteJob(seg.tile_id, seg.raw, glabels))
+        elif seg.labels is not None and self.shards is not None:
+            self.shards.put(seg.tile_id, glabels.astype(self.output.dtype)[seg.labels])
 
     def advance(self) -> list[WriteJob]:
         """Assign every tile from the frontier on that is waiting; returns remote writes."""
@@ -282,10 +292,47 @@ class Committer:
         if self.remote_writes:
             self._pending_writes.update(job.tile_id for job in jobs)
             return jobs
-        for job in jobs:  # this process holds the labels: write them now
-            write_jobs(self.output, self.grid, self.state.work.path, [job])
-            self.written(job.tile_id)
+        self._write_here(jobs)  # this process holds the labels: write them now
         return []
+
+    def _write_here(self, jobs: list[WriteJob]) -> None:
+        """Write tiles from their kept labels in this process (a sharded output: held until
+        their shard is complete), then write the shards the frontier has passed."""
+        if self.shards is None:
+            for job in jobs:
+                write_jobs(self.output, self.grid, self.state.work.path, [job])
+                self.written(job.tile_id)
+            return
+        if jobs:
+            from .state import _PackReader
+
+            reader = _PackReader(self.state.work.path / "packs")
+            try:
+                for job in jobs:
+                    core = job_core(self.output.dtype, self.grid, job, reader)
+                    if core is None:  # background, but its shard must count it as written
+                        box = self.grid.tile(job.tile_id).core
+                        core = np.zeros([c.stop - c.start for c in box], self.output.dtype)
+                    self.shards.put(job.tile_id, core)
+            finally:
+                reader.close()
+        self.written_many(self.shards.complete_before(self.frontier))
+
+    def flush(self) -> None:
+        """Write what a sharded output still holds (every tile has had its turn)."""
+        if self.shards is not None:
+            self.written_many(self.shards.flush())
+
+    def written_many(self, tile_ids: list[int]) -> None:
+        """Tiles whose cores are in the output, in one entry (a shard is written whole, and
+        its tiles are recorded as written together, or not at all)."""
+        tiles = [t for t in tile_ids if t not in self.state.written]
+        if not tiles:
+            return
+        meta = {"tiles": tiles}
+        ref = self.writer.append("put", tiles[0], meta)
+        self.state.note("put", tiles[0], ref, meta)
+        self._pending_writes.difference_update(tiles)
 
     def _assign_kept(self, tile_id: int) -> None:
         """Assign a tile segmented earlier, from its record; queue the write of its core."""
@@ -329,14 +376,14 @@ class Committer:
         for t in self.unwritten():
             entry = self.state.record(t)
             raw = entry.meta.get("raw")
+            if raw is None and entry.meta.get("raw_here"):
+                raw = self.state.seg[t].as_json()  # the record holds the labels itself
             if raw is None:
                 continue
             glabels, _ = self.state.assigned_labels(t)
             jobs.append(WriteJob(t, EntryRef.from_json(raw), np.asarray(glabels)))
         if not self.remote_writes:
-            for job in jobs:
-                write_jobs(self.output, self.grid, self.state.work.path, [job])
-                self.written(job.tile_id)
+            self._write_here(jobs)
             return self.advance()
         self._pending_writes.update(job.tile_id for job in jobs)
         return jobs + self.advance()
@@ -457,6 +504,9 @@ class Committer:
             raise BlockbusterError("more than 2**64 - 1 objects")
         log.info("more than %s objects: the output becomes uint64", f"{self.book.max_label:,}")
         self.output = self._convert()
+        if self.shards is not None:
+            self.shards.view = self.output
+            self.shards.widen(self.output.dtype)
         ref = self.writer.append("u64", -1, sync=True)
         self.state.note("u64", -1, ref, {})
         self.book.max_label = UINT64_LIMIT
@@ -464,6 +514,7 @@ class Committer:
     # -- the end ----------------------------------------------------------------------------
     def check_done(self) -> None:
         """Raise the failures; every tile must be assigned and written otherwise."""
+        self.flush()
         if self.failures:
             raise tile_failures(self.failures, stopped_early=False)
         missing = self.grid.n_tiles - len(self.state.assignment)

@@ -33,6 +33,7 @@ from ..output import (
     check_parent_is_folder,
     completion,
     label_chunks,
+    label_shards,
     mark_complete,
     verify_output,
 )
@@ -310,9 +311,13 @@ def _create_output(target: OutputTarget, plan: RunPlan, manifest: dict[str, Any]
                    uint64: bool) -> zarr.Array:
     attrs = {"blockbuster": {"complete": False, "params": manifest["params"]}}
     dtype = np.dtype(np.uint64 if uint64 else np.uint32)
+    # Not for stitch="whole": its tiles are written well after the frontier passes them, so
+    # a shard would be written before all its tiles are in.
+    shards = None if target.is_ome or plan.stitch.mode == "whole" else label_shards(
+        plan.source, plan.grid)
     with writing("the labels", target.describe()):
         return target.create(plan.source.label_shape, label_chunks(plan.source, plan.grid),
-                             dtype, attrs)
+                             dtype, attrs, shards=shards)
 
 
 def _end_pass(plan: RunPlan, committer: Committer, writer: PackWriter,
@@ -347,6 +352,8 @@ def _end_pass(plan: RunPlan, committer: Committer, writer: PackWriter,
     log.info("%d objects; %d tile(s) hold labels joined or moved after they were written",
              committer.book.n_labels, len(todo))
     threads = IO_THREADS if math.prod(grid.tile_shape) <= IO_THREADS_MAX_TILE_VOXELS else 1
+    if committer.output.array.shards is not None:
+        threads = 1  # two tiles of one shard rewritten at once would lose one of the writes
     with make_progress(len(todo), "merging", progress) as bar, \
             ThreadPoolExecutor(threads, thread_name_prefix="blockbuster-fix") as pool:
         for _ in pool.map(lambda t: _fix_tile(committer, writer, t, old, new), todo):

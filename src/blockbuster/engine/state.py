@@ -21,10 +21,12 @@ Entry kinds:
 ``seg``   a tile was segmented: its label count, core voxel counts, boundary arrays and object
           statistics; also its global labels (``glabels``, ``merges``) when they were assigned
           at once, and ``raw``: where its core labels were kept when they were not
-          (``written``: its core is in the output).
+          (``written``: its core is in the output; ``raw_here``: its core labels are in this
+          entry, until the shard of a sharded output holding them is written).
 ``raw``   a tile's core labels with tile-local ids, kept until the tile is assigned.
 ``asg``   the global labels of a tile segmented earlier (``written``: its core is in the output).
-``put``   a tile whose core was written after its ``asg`` entry.
+``put``   a tile whose core was written after its ``asg`` entry (``tiles``: the tiles of a
+          shard of a sharded output, written whole).
 ``fail``  a tile whose ``fn`` failed: the error and its traceback.
 ``bak``   a tile's labels as written, saved before the end of the run rewrites them.
 ``fix``   that rewrite is done.
@@ -394,8 +396,8 @@ class RunState:
             self.assignment[tile] = ref
             if meta.get("written"):
                 self.written.add(tile)
-        elif kind == "put":
-            self.written.add(tile)
+        elif kind == "put":  # one tile, or the tiles of a shard written whole
+            self.written.update(meta.get("tiles", [tile]))
         elif kind == "fail":
             if tile not in self.seg:
                 self.failed[tile] = ref
