@@ -26,6 +26,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..segmenter import MemoryModel, Segmenter
+from ._checks import channel_index, finite, non_negative, positive
 from .watershed import (
     THRESHOLD_METHODS,
     WatershedSegmenter,
@@ -119,12 +120,12 @@ class CellsSegmenter(Segmenter):
         sigma: float | None = None,
         compactness: float = 0.0,
     ) -> None:
-        self.diameter = _positive("diameter", diameter)
+        self.diameter = positive("diameter", diameter)
         self._sigma_given = sigma is not None
         self.nucleus_diameter = (self.diameter / 2 if nucleus_diameter is None
-                                 else _positive("nucleus_diameter", nucleus_diameter))
-        self.nuclei_channel = _channel("nuclei_channel", nuclei_channel)
-        self.membrane_channel = _channel("membrane_channel", membrane_channel)
+                                 else positive("nucleus_diameter", nucleus_diameter))
+        self.nuclei_channel = channel_index("nuclei_channel", nuclei_channel)
+        self.membrane_channel = channel_index("membrane_channel", membrane_channel)
         if self.nuclei_channel == self.membrane_channel:
             raise InputError(f"nuclei_channel and membrane_channel are both "
                              f"{self.nuclei_channel}; cells need two channels")
@@ -137,13 +138,13 @@ class CellsSegmenter(Segmenter):
                              f"{', '.join(THRESHOLD_METHODS)}")
         self.stain, self.nuclei, self.threshold_method = stain, nuclei, threshold_method
         self.max_radius = (0.75 * self.diameter if max_radius is None
-                           else _positive("max_radius", max_radius))
-        self.threshold = None if threshold is None else _finite("threshold", threshold)
+                           else positive("max_radius", max_radius))
+        self.threshold = None if threshold is None else finite("threshold", threshold)
         self.nuclei_threshold = (None if nuclei_threshold is None
-                                 else _finite("nuclei_threshold", nuclei_threshold))
+                                 else finite("nuclei_threshold", nuclei_threshold))
         self.sigma = (max(0.5, self.diameter / 30) if sigma is None
-                      else _non_negative("sigma", sigma))
-        self.compactness = _non_negative("compactness", compactness)
+                      else non_negative("sigma", sigma))
+        self.compactness = non_negative("compactness", compactness)
         #: Set by prepare(): the cytoplasm threshold shared by all tiles.
         self.global_threshold: float | None = None
         self._nuclei = WatershedSegmenter(diameter=self.nucleus_diameter,
@@ -258,29 +259,3 @@ class CellsSegmenter(Segmenter):
         return compute_threshold(stain.ravel(), self.threshold_method)
 
 
-def _finite(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
-        raise InputError(f"{name}={value!r} must be a number")
-    if not math.isfinite(value):
-        raise InputError(f"{name}={value!r} must be finite")
-    return float(value)
-
-
-def _positive(name: str, value: Any) -> float:
-    value = _finite(name, value)
-    if value <= 0:
-        raise InputError(f"{name}={value!r} must be > 0")
-    return value
-
-
-def _non_negative(name: str, value: Any) -> float:
-    value = _finite(name, value)
-    if value < 0:
-        raise InputError(f"{name}={value!r} must be >= 0")
-    return value
-
-
-def _channel(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise InputError(f"{name}={value!r} must be a channel index >= 0")
-    return int(value)

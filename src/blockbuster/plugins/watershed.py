@@ -19,6 +19,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..segmenter import MemoryModel, Segmenter, padded_extent
+from ._checks import finite, non_negative, positive, positive_int
 
 if TYPE_CHECKING:
     from ..io import ImageSource
@@ -93,17 +94,17 @@ class WatershedSegmenter(Segmenter):
         min_size: int | None = None,
         channel: int = 0,
     ) -> None:
-        self.diameter = _positive("diameter", diameter)
+        self.diameter = positive("diameter", diameter)
         self._given = {k for k, v in (("sigma", sigma), ("min_distance", min_distance))
                        if v is not None}
-        self.sigma = self.diameter / 12 if sigma is None else _non_negative("sigma", sigma)
-        self.threshold = None if threshold is None else _finite("threshold", threshold)
+        self.sigma = self.diameter / 12 if sigma is None else non_negative("sigma", sigma)
+        self.threshold = None if threshold is None else finite("threshold", threshold)
         if threshold_method not in THRESHOLD_METHODS:
             raise InputError(f"threshold_method={threshold_method!r} must be one of "
                              f"{', '.join(THRESHOLD_METHODS)}")
         self.threshold_method = threshold_method
         self.min_distance = (max(1, round(self.diameter / 3)) if min_distance is None
-                             else _positive_int("min_distance", min_distance))
+                             else positive_int("min_distance", min_distance))
         self.min_size = None if min_size is None else _non_negative_int("min_size", min_size)
         if isinstance(channel, bool) or not isinstance(channel, (int, np.integer)) or channel < 0:
             raise InputError(f"channel={channel!r} must be a non-negative int")
@@ -415,34 +416,6 @@ def _remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:
 
 
 # -- argument checks --------------------------------------------------------------------------
-def _finite(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
-        raise InputError(f"{name}={value!r} must be a number")
-    if not math.isfinite(value):
-        raise InputError(f"{name}={value!r} must be finite")
-    return float(value)
-
-
-def _positive(name: str, value: Any) -> float:
-    value = _finite(name, value)
-    if value <= 0:
-        raise InputError(f"{name}={value!r} must be > 0")
-    return value
-
-
-def _non_negative(name: str, value: Any) -> float:
-    value = _finite(name, value)
-    if value < 0:
-        raise InputError(f"{name}={value!r} must be >= 0")
-    return value
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise InputError(f"{name}={value!r} must be an int >= 1")
-    return int(value)
-
-
 def _non_negative_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
         raise InputError(f"{name}={value!r} must be an int >= 0")
