@@ -1,12 +1,14 @@
 """Run tile_process in a child process that kills itself (SIGKILL) at a chosen moment.
 
 Usage: python fault_child.py IMAGE OUTPUT CALL_LOG KILL_POINT N [--resume] [--overwrite]
-                             [--ome] [inverse] [--workers] [--whole]
+                             [--ome] [inverse] [--workers] [--whole] [--sharded]
 
-KILL_POINT: none | segment | chunk-write | record | assign | fix | fix-written | finalize |
-            cleanup
+KILL_POINT: none | segment | chunk-write | shard-write | record | assign | fix | fix-written |
+            finalize | cleanup
 N: the N-th time that moment is reached, the process dies with no chance to clean up.
 --whole: stitch="whole" (else "iou").
+--sharded: a sharded output of 4 tiles per shard (a row of tiles), as runs of many small
+           tiles get.
 """
 
 from __future__ import annotations
@@ -70,6 +72,10 @@ def main() -> None:
     image, output, log_path, point, n = sys.argv[1:6]
     resume, overwrite, ome = "--resume" in sys.argv, "--overwrite" in sys.argv, "--ome" in sys.argv
     inverse = "inverse" in sys.argv
+    if "--sharded" in sys.argv:
+        import blockbuster.output
+
+        blockbuster.output.SHARD_MIN_TILES, blockbuster.output.SHARD_TILES = 2, 4
     n = int(n)
     import zarr.storage._local as local
 
@@ -112,6 +118,10 @@ def main() -> None:
             return original_append(self, kind, tile, meta, arrays, sync=sync)
 
         state.PackWriter.append = append
+    elif point == "shard-write":  # a shard about to be written (stores write it atomically)
+        from blockbuster.output import ShardBuffer
+
+        _wrap(ShardBuffer, "_write", before=lambda *a, **k: tick())
     elif point == "assign":  # while a tile is matched and labelled
         _wrap(commit.Committer, "_assign", before=lambda *a, **k: tick())
         _wrap(commit.Committer, "_assign_whole", before=lambda *a, **k: tick())

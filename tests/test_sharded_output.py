@@ -16,6 +16,12 @@ from blockbuster.output import shard_tiles
 from blockbuster.tiling import TileGrid
 
 
+@pytest.fixture(autouse=True)
+def shard_small_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These runs have tens of tiles: shard them anyway (runs below 1024 tiles are not)."""
+    monkeypatch.setattr(output_module, "SHARD_MIN_TILES", 2)
+
+
 def _blobs(shape: tuple[int, ...] = (96, 160), seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     field = ndimage.gaussian_filter(rng.random(shape), 2.5)

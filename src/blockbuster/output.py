@@ -536,6 +536,9 @@ def label_chunks(source: ImageSource, grid: TileGrid) -> tuple[int, ...]:
 #: otherwise be a million files). Larger tiles make files large enough on their own.
 SHARD_MAX_TILE_VOXELS = 128 * 128
 SHARD_TILES = 256
+#: Runs with fewer tiles are not sharded: they make few files anyway, and each tile's chunk is
+#: then written as soon as the tile is labelled rather than held until its shard is full.
+SHARD_MIN_TILES = 1024
 
 
 def shard_tiles(grid: TileGrid) -> tuple[int, ...] | None:
@@ -550,12 +553,14 @@ def shard_tiles(grid: TileGrid) -> tuple[int, ...] | None:
     >>> from blockbuster.tiling import TileGrid
     >>> shard_tiles(TileGrid((4096, 4096), (16, 16), (0, 0)))
     (1, 256)
-    >>> shard_tiles(TileGrid((64, 64, 64), (8, 8, 8), (0, 0, 0)))
-    (4, 8, 8)
+    >>> shard_tiles(TileGrid((128, 128, 128), (8, 8, 8), (0, 0, 0)))
+    (1, 16, 16)
+    >>> shard_tiles(TileGrid((256, 256), (16, 16), (0, 0))) is None  # 256 tiles: too few
+    True
     >>> shard_tiles(TileGrid((4096, 4096), (512, 512), (0, 0))) is None
     True
     """
-    if int(np.prod(grid.tile_shape)) > SHARD_MAX_TILE_VOXELS or grid.n_tiles < 2:
+    if int(np.prod(grid.tile_shape)) > SHARD_MAX_TILE_VOXELS or grid.n_tiles < SHARD_MIN_TILES:
         return None
     per = [1] * grid.ndim
     left = SHARD_TILES
@@ -587,8 +592,7 @@ class ShardBuffer:
     committer puts each core here; once every tile of a shard has had its turn in grid order
     (:meth:`complete_before`), the shard is written in one piece and its tiles reported as
     written, never before: a crash loses only what was not reported, and the resumed run
-    writes those tiles again from their records. A shard is read once before its first tile
-    goes in, so that tiles an earlier attempt wrote there are kept.
+    writes every tile of such a shard again from their records (a shard is never read back).
     """
 
     def __init__(self, view: LabelView, grid: TileGrid, per: tuple[int, ...]):
@@ -607,6 +611,13 @@ class ShardBuffer:
         if tuple(shards) != label_shards(view.source, grid):
             return None  # not our layout: plain (read-modify-write) writes stay correct
         return cls(view, grid, per)
+
+    def shard_ids(self, tile_ids: np.ndarray) -> np.ndarray:
+        """A number per tile naming its shard (vectorised :meth:`shard_of`)."""
+        index = np.unravel_index(tile_ids, self.grid.grid_shape)
+        per_shard = [(i // k) for i, k in zip(index, self.per, strict=True)]
+        dims = [-(-g // k) for g, k in zip(self.grid.grid_shape, self.per, strict=True)]
+        return np.ravel_multi_index(per_shard, dims)
 
     def shard_of(self, tile_id: int) -> tuple[int, ...]:
         index = self.grid.tile(tile_id).index
@@ -628,10 +639,10 @@ class ShardBuffer:
         shard = self.shard_of(tile_id)
         region = self.region(shard)
         if shard not in self._open:
-            # Start from what the output holds: tiles of this shard written by an earlier
-            # attempt (a run stopped by failed tiles writes its shards as they are) stay.
-            start = np.array(self.view[region], dtype=self.view.dtype)
-            self._open[shard] = (start, [])
+            # Never read back: a resumed run puts every tile of a shard it writes again (see
+            # Committer.unwritten), so a shard a crash tore is replaced, not decoded.
+            shape = tuple(r.stop - r.start for r in region)
+            self._open[shard] = (np.zeros(shape, self.view.dtype), [])
         buffer, tiles = self._open[shard]
         core = self.grid.tile(tile_id).core
         local = tuple(slice(c.start - r.start, c.stop - r.start)

@@ -213,8 +213,25 @@ class Committer:
         return int(strides.sum()) + 2
 
     def unwritten(self) -> list[int]:
-        """Assigned tiles whose core is not in the output yet (a resumed run writes them)."""
-        return sorted(t for t in self.state.assignment if t not in self.state.written)
+        """Assigned tiles whose core is not in the output yet (a resumed run writes them).
+
+        With a sharded output, every tile of a shard that holds such a tile is written again
+        too (from its record, which keeps its labels): the shard is rebuilt from the records and
+        written whole, never read back, so a shard torn by a crash is simply replaced.
+        """
+        written = self.state.written
+        missing = {t for t in self.state.assignment if t not in written}
+        if self.shards is not None and written:
+            # shards with a tile not in the output (unassigned, failed or unwritten)
+            shard = self.shards.shard_ids(np.arange(self.grid.n_tiles))
+            is_written = np.zeros(self.grid.n_tiles, bool)
+            is_written[list(written)] = True
+            incomplete = np.unique(shard[~is_written])
+            redo = np.flatnonzero(np.isin(shard, incomplete) & is_written)
+            redo_assigned = [int(t) for t in redo if int(t) in self.state.assignment]
+            written.difference_update(redo_assigned)
+            missing.update(redo_assigned)
+        return sorted(missing)
 
     # -- tiles arriving ---------------------------------------------------------------------
     def accept(self, seg: SegmentedTile) -> list[WriteJob]:
