@@ -325,16 +325,29 @@ def default_output(source: LabelImage, suffix: str) -> Path:
         out = folder / f"labels.{suffix}.zarr"
         log.info("in-memory labels: writing the result to %s", out)
         return out
-    if path.parent.name == "labels" and source.source.kind == "ome-zarr":
-        # <image>/labels/<name> -> <image>.<name>.<suffix>.zarr next to the image
-        image = path.parent.parent
-        return image.with_name(f"{image.name}.{path.name}.{suffix}.zarr")
-    name = path.name
+    return sibling_path(path, suffix, "zarr", ome_labels=source.source.kind == "ome-zarr")
+
+
+def sibling_path(labels: Path, suffix: str, extension: str, *, ome_labels: bool = True) -> Path:
+    """``<labels>.<suffix>.<extension>`` next to the labels (next to the image for OME labels).
+
+    Examples
+    --------
+    >>> sibling_path(Path("data/nuclei.labels.zarr"), "measurements", "csv").as_posix()
+    'data/nuclei.labels.measurements.csv'
+    >>> sibling_path(Path("img.ome.zarr/labels/cells"), "filtered", "zarr").as_posix()
+    'img.ome.zarr.cells.filtered.zarr'
+    """
+    if ome_labels and labels.parent.name == "labels":
+        # <image>/labels/<name> -> <image>.<name>.<suffix>.<extension> next to the image
+        image = labels.parent.parent
+        return image.with_name(f"{image.name}.{labels.name}.{suffix}.{extension}")
+    name = labels.name
     for ending in (".ome.zarr", ".zarr"):
         if name.endswith(ending):
             name = name[: -len(ending)]
             break
-    return path.with_name(f"{name}.{suffix}.zarr")
+    return labels.with_name(f"{name}.{suffix}.{extension}")
 
 
 def create_label_output(output: Any, like: LabelImage, *, dtype: Any,

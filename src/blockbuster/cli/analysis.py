@@ -153,16 +153,9 @@ def add_analysis_commands(commands: Any) -> None:
 
 def _table_next_to(labels: str, suffix: str) -> Path:
     """``<labels>.<suffix>.csv`` next to the labels (next to the image for OME labels)."""
-    path = Path(labels.rstrip("/"))
-    if path.parent.name == "labels":  # <image>/labels/<name>
-        image = path.parent.parent
-        return image.with_name(f"{image.name}.{path.name}.{suffix}.csv")
-    name = path.name
-    for ending in (".ome.zarr", ".zarr"):
-        if name.endswith(ending):
-            name = name[: -len(ending)]
-            break
-    return path.with_name(f"{name}.{suffix}.csv")
+    from .._labels import sibling_path
+
+    return sibling_path(Path(labels.rstrip("/")), suffix, "csv")
 
 
 def cmd_measure(args: argparse.Namespace) -> int:
