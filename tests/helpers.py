@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -52,3 +54,18 @@ def spy_on(monkeypatch: Any, model: Any, method: str) -> CallSpy:
     recorder = CallSpy(getattr(model, method))
     monkeypatch.setattr(model, method, recorder)
     return recorder
+
+
+def write_plugin_dist(root: Path, name: str, entries: dict[str, str],
+                      modules: dict[str, str]) -> Path:
+    """A minimal installed distribution (dist-info + modules) under ``root``, as pip leaves it:
+    ``entries`` (name -> ``module:object``) registered as blockbuster segmenters. Returns
+    ``root`` (put it on ``sys.path`` or ``PYTHONPATH``)."""
+    for module, source in modules.items():
+        (root / f"{module}.py").write_text(textwrap.dedent(source))
+    info = root / f"{name}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    lines = "\n".join(f"{k} = {v}" for k, v in entries.items())
+    (info / "entry_points.txt").write_text(f"[blockbuster.segmenters]\n{lines}\n")
+    return root

@@ -16,6 +16,8 @@ from blockbuster.plugins.catalog import (
 )
 from blockbuster.plugins.watershed import WatershedSegmenter
 
+from helpers import write_plugin_dist
+
 PLUGINS = '''
 from blockbuster import Segmenter
 
@@ -44,19 +46,14 @@ class OnGpu(Segmenter):
 @pytest.fixture
 def plugins(tmp_path, monkeypatch) -> Path:
     """Plugins registered through a dist-info folder on sys.path, as pip would install them."""
-    (tmp_path / "catalog_plugins.py").write_text(PLUGINS)
-    (tmp_path / "catalog_unloadable.py").write_text("import definitely_missing_xyz_module\n")
-    (tmp_path / "catalog_broken_dependency.py").write_text("raise ImportError('libbar.so')\n")
-    dist = tmp_path / "catalog_plugins-1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: catalog-plugins\n"
-                                   "Version: 1.0\n")
-    (dist / "entry_points.txt").write_text(
-        "[blockbuster.segmenters]\n"
-        "needs-missing = catalog_plugins:NeedsMissing\n"
-        "needs-broken = catalog_plugins:NeedsBroken\n"
-        "on-gpu = catalog_plugins:OnGpu\n"
-        "unloadable = catalog_unloadable:Anything\n")
+    write_plugin_dist(tmp_path, "catalog-plugins",
+                      {"needs-missing": "catalog_plugins:NeedsMissing",
+                       "needs-broken": "catalog_plugins:NeedsBroken",
+                       "on-gpu": "catalog_plugins:OnGpu",
+                       "unloadable": "catalog_unloadable:Anything"},
+                      {"catalog_plugins": PLUGINS,
+                       "catalog_unloadable": "import definitely_missing_xyz_module\n",
+                       "catalog_broken_dependency": "raise ImportError('libbar.so')\n"})
     monkeypatch.syspath_prepend(str(tmp_path))
     yield tmp_path
     for name in ("catalog_plugins", "catalog_unloadable", "catalog_broken_dependency"):

@@ -20,6 +20,8 @@ import zarr
 
 from blockbuster.data import synthetic_nuclei, truth_path, write_synthetic_nuclei
 
+from helpers import write_plugin_dist
+
 #: The console script installed next to this interpreter (or on PATH), if any.
 SCRIPT = shutil.which("blockbuster", path=os.pathsep.join(
     [str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
@@ -339,13 +341,8 @@ class Flaky(Segmenter):
 @pytest.fixture
 def flaky_plugin(tmp_path_factory) -> Path:
     """A third-party segmenter plugin, installed by putting its folder on PYTHONPATH."""
-    site = tmp_path_factory.mktemp("site")
-    (site / "flaky_plugin.py").write_text(FLAKY_PLUGIN)
-    dist = site / "flaky_plugin-1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: flaky-plugin\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[blockbuster.segmenters]\nflaky = flaky_plugin:Flaky\n")
-    return site
+    return write_plugin_dist(tmp_path_factory.mktemp("site"), "flaky-plugin",
+                             {"flaky": "flaky_plugin:Flaky"}, {"flaky_plugin": FLAKY_PLUGIN})
 
 
 @pytest.mark.slow  # five runs of the command: ~12 s

@@ -20,6 +20,8 @@ from test_cli import Result, assert_one_line_error, run
 import blockbuster
 from blockbuster.data import write_synthetic_nuclei
 
+from helpers import write_plugin_dist
+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
@@ -224,17 +226,12 @@ class NeedsBroken(Segmenter):
 
 @pytest.fixture
 def plugins(tmp_path_factory) -> Path:
-    site = tmp_path_factory.mktemp("site")
-    (site / "scripting_plugins.py").write_text(BROKEN_PLUGINS)
-    (site / "broken_dependency.py").write_text("raise ImportError('libfoo.so: not found')\n")
-    dist = site / "scripting_plugins-1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: scripting-plugins\n"
-                                   "Version: 1.0\n")
-    (dist / "entry_points.txt").write_text(
-        "[blockbuster.segmenters]\nneeds-missing = scripting_plugins:NeedsMissing\n"
-        "needs-broken = scripting_plugins:NeedsBroken\n")
-    return site
+    return write_plugin_dist(
+        tmp_path_factory.mktemp("site"), "scripting-plugins",
+        {"needs-missing": "scripting_plugins:NeedsMissing",
+         "needs-broken": "scripting_plugins:NeedsBroken"},
+        {"scripting_plugins": BROKEN_PLUGINS,
+         "broken_dependency": "raise ImportError('libfoo.so: not found')\n"})
 
 
 def test_methods_lists_what_runs_and_why_not(work: Path, plugins: Path) -> None:
@@ -299,14 +296,9 @@ class Saboteur(Segmenter):
 
 @pytest.fixture
 def saboteur(tmp_path_factory) -> Path:
-    site = tmp_path_factory.mktemp("site")
-    (site / "saboteur_plugin.py").write_text(SABOTEUR)
-    dist = site / "saboteur_plugin-1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: saboteur\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text(
-        "[blockbuster.segmenters]\nsaboteur = saboteur_plugin:Saboteur\n")
-    return site
+    return write_plugin_dist(tmp_path_factory.mktemp("site"), "saboteur",
+                             {"saboteur": "saboteur_plugin:Saboteur"},
+                             {"saboteur_plugin": SABOTEUR})
 
 
 def test_an_os_error_while_writing_is_a_failed_run(work: Path, saboteur: Path,
@@ -355,12 +347,8 @@ class Slow(Segmenter):
 
 @pytest.mark.slow  # a run interrupted after a few tiles, then resumed: ~20 s
 def test_ctrl_c_exits_130_and_resume_finishes(work: Path, tmp_path_factory) -> None:
-    site = tmp_path_factory.mktemp("site")
-    (site / "slow_plugin.py").write_text(SLOW)
-    dist = site / "slow_plugin-1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: slow\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[blockbuster.segmenters]\nslow = slow_plugin:Slow\n")
+    site = write_plugin_dist(tmp_path_factory.mktemp("site"), "slow", {"slow": "slow_plugin:Slow"},
+                             {"slow_plugin": SLOW})
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
         str(site), os.environ.get("PYTHONPATH")]))}
     args = ["segment", "img.zarr", "i.zarr", "--method", "slow", "--tile-shape", "64,64",
@@ -391,8 +379,8 @@ def test_ctrl_c_exits_130_and_resume_finishes(work: Path, tmp_path_factory) -> N
 
 @pytest.mark.slow  # a tile that hangs past its time limit, retried once: ~10 s
 def test_tile_timeout_fails_the_tile_and_exits_1(work: Path, tmp_path_factory) -> None:
-    site = tmp_path_factory.mktemp("site")
-    (site / "hang_plugin.py").write_text('''
+    site = write_plugin_dist(tmp_path_factory.mktemp("site"), "hang", {"hang": "hang_plugin:Hang"},
+                             {"hang_plugin": '''
 import threading
 
 from scipy import ndimage
@@ -409,11 +397,7 @@ class Hang(Segmenter):
         if tile[0, 0] == 65535:
             threading.Event().wait()
         return ndimage.label(tile > tile.mean())[0]
-''')
-    dist = site / "hang_plugin-1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: hang\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[blockbuster.segmenters]\nhang = hang_plugin:Hang\n")
+'''})
     image = zarr.open_array(str(work / "img.zarr"), mode="r")[:]
     image[64, 128] = 65535  # the top-left voxel of tile (1, 2)
     zarr.create_array(store=str(work / "hang.zarr"), data=image, chunks=(64, 64))

@@ -16,7 +16,6 @@ import pytest
 import blockbuster.plugins as plugins
 from blockbuster.errors import InputError, PluginNotInstalledError
 from blockbuster.plugins import (
-    ENTRY_POINT_GROUP,
     ModelCache,
     available_segmenters,
     get_segmenter,
@@ -24,6 +23,8 @@ from blockbuster.plugins import (
 )
 from blockbuster.plugins.watershed import WatershedSegmenter
 from blockbuster.segmenter import Segmenter
+
+from helpers import write_plugin_dist
 
 TOY_MODULE = '''
 import numpy as np
@@ -56,18 +57,6 @@ def make_toy(threshold=0.5):
 def not_a_segmenter():
     return "oops"
 '''
-
-
-def write_plugin_dist(root: Path, name: str, entries: dict[str, str],
-                      modules: dict[str, str]) -> None:
-    """A minimal installed distribution (dist-info + modules) under ``root``, as pip leaves it."""
-    for module, source in modules.items():
-        (root / f"{module}.py").write_text(textwrap.dedent(source))
-    info = root / f"{name}-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
-    lines = "\n".join(f"{k} = {v}" for k, v in entries.items())
-    (info / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\n{lines}\n")
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ from scipy import ndimage
 import blockbuster
 from blockbuster.data import write_synthetic_nuclei
 
-from helpers import comb_mask, same_partition
+from helpers import comb_mask, same_partition, write_plugin_dist
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -126,15 +126,10 @@ def data(tmp_path_factory, slurm: None) -> Path:
     comb[:] = np.where(mask, 1000, 100).astype("uint16")
     site = root / "site"
     site.mkdir()
-    (site / "slurm_test_plugins.py").write_text(PLUGIN)
-    dist = site / "slurm_test_plugins-1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: slurm-test-plugins\n"
-                                   "Version: 1.0\n")
-    (dist / "entry_points.txt").write_text(
-        "[blockbuster.segmenters]\n"
-        "traced-watershed = slurm_test_plugins:TracedWatershed\n"
-        "threshold = slurm_test_plugins:Threshold\n")
+    write_plugin_dist(site, "slurm-test-plugins",
+                      {"traced-watershed": "slurm_test_plugins:TracedWatershed",
+                       "threshold": "slurm_test_plugins:Threshold"},
+                      {"slurm_test_plugins": PLUGIN})
     for tiles in ("64,64", "32,32"):
         _check_run(segment(root, "img.zarr", f"serial-{tiles}.zarr", "--tile-shape", tiles))
     _check_run(segment(root, "comb.zarr", "comb-serial.zarr", "--method", "threshold",
