@@ -59,8 +59,12 @@ def record_tile():
     if folder and os.path.isdir(folder):
         record = {"job": os.environ.get("SLURM_JOB_ID"), "python": sys.executable,
                   "blockbuster": blockbuster.__file__}
-        with open(os.path.join(folder, uuid.uuid4().hex + ".json"), "w") as f:
+        # Written under another name and renamed: scancel may kill the job mid-write, and a
+        # half-written record must not be read as one.
+        path = os.path.join(folder, uuid.uuid4().hex)
+        with open(path + ".part", "w") as f:
             json.dump(record, f)
+        os.replace(path + ".part", path + ".json")
     time.sleep(float(os.environ.get("BLOCKBUSTER_TEST_DELAY", "0")))
 
 
