@@ -724,3 +724,56 @@ def test_an_overlap_in_micrometres_becomes_voxels_per_axis(tmp_path):
     with pytest.raises(InputError, match="voxel size is not known"):
         make_plan(plain, label, describe_segmenter(label), tile_shape=(10, 32, 32),
                   overlap="6um")
+
+
+# -- reads much smaller than the storage chunks -----------------------------------------------
+def test_tiny_tiles_decode_each_chunk_once_and_get_their_own_copy(tmp_path):
+    """16 x 16 tiles (overlap 2) of an image in 64 x 64 chunks: every read equals the stored
+    voxels, the chunks are decoded once each instead of once per tile, and fn writing into
+    its tile changes neither the image nor the next tiles' reads."""
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 60_000, (128, 160), dtype=np.uint16)
+    store = zarr.storage.LocalStore(tmp_path / "img.zarr")
+    arr = zarr.create_array(store=store, shape=image.shape, chunks=(64, 64), dtype="uint16")
+    arr[:] = image
+    gets: list[str] = []
+    original = zarr.storage.LocalStore.get
+
+    async def counted(self, key, *args, **kwargs):
+        if key.startswith("c/"):
+            gets.append(key)
+        return await original(self, key, *args, **kwargs)
+
+    seen = []
+
+    def fn(tile: np.ndarray) -> np.ndarray:
+        seen.append(tile.copy())
+        tile[:] = 0  # a segmenter that works in place on its input
+        return np.ones(tile.shape, np.uint32)
+
+    src = open_image(tmp_path / "img.zarr")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(zarr.storage.LocalStore, "get", counted)
+        tile_process(src, fn, (16, 16), 2, stitch="none")
+    chunks = 2 * 3  # 128 / 64 x ceil(160 / 64)
+    assert len(seen) == (128 // 16) * (160 // 16)
+    assert len(gets) == chunks, gets  # 80 tiles: without the cache, ~100 chunk reads
+    origins = [(y, x) for y in range(0, 128, 16) for x in range(0, 160, 16)]
+    for (y, x), tile in zip(origins, seen, strict=True):
+        # the padded region, cut at the image's edges
+        assert np.array_equal(tile, image[max(0, y - 2):y + 18, max(0, x - 2):x + 18]), (y, x)
+    assert np.array_equal(zarr.open_array(tmp_path / "img.zarr")[:], image)
+
+
+def test_block_cache_keeps_its_byte_budget():
+    from blockbuster.io.blocks import BlockCache
+
+    cache = BlockCache(max_bytes=3 * 800)
+    loads = []
+    for i in [0, 1, 2, 0, 3, 4, 0]:
+        cache.get((i,), lambda i=i: loads.append(i) or np.zeros(100, np.int64))
+    assert cache.nbytes <= 3 * 800 and len(cache) == 3
+    assert loads == [0, 1, 2, 3, 4]  # 0 was used again each time before it would leave
+    block = cache.get((0,), lambda: np.ones(100))
+    with pytest.raises(ValueError):
+        block[0] = 1  # kept blocks are read-only: callers get copies

@@ -8,12 +8,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import ndimage
 from test_stitching import local_threshold_watershed
 
 from blockbuster import run_report, tile_process
 from blockbuster.cli import main
-from blockbuster.seams import CONTROL_PLANES, control_positions, control_stats, pair_stats
+from blockbuster.seams import (
+    CONTROL_PLANES,
+    control_positions,
+    control_stats,
+    pair_stats,
+    stacked_pair_stats,
+)
 
 
 @pytest.fixture(scope="module")
@@ -54,14 +62,27 @@ def test_pair_stats_ambiguity() -> None:
     assert pair_stats(a, a)[2] == 0
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 12), st.integers(1, 6), st.integers(0, 2**32 - 1))
+def test_stacked_pair_stats_equals_one_pair_at_a_time(k: int, m: int, labels: int,
+                                                      seed: int) -> None:
+    """The batched control statistics are the per-pair reference, pair by pair (small label
+    counts, so that weak overlaps and objects with two partners occur often)."""
+    rng = np.random.default_rng(seed)
+    va = rng.integers(0, labels + 1, (k, m)) * (rng.random((k, m)) < 0.8)
+    vb = np.where(rng.random((k, m)) < 0.5, va, rng.integers(0, labels + 1, (k, m)))
+    stacked = stacked_pair_stats(va, vb, threshold=0.5)
+    assert stacked.tolist() == [pair_stats(a, b).tolist() for a, b in zip(va, vb, strict=True)]
+
+
 def test_control_planes_are_drawn_and_next_to_the_faces() -> None:
-    core = np.zeros((6, 6, 6), np.int32)
+    core = np.zeros((6, 5, 7), np.int32)  # axes of other lengths: planes of other sizes
     core[:3, :, :3] = 1  # ends between planes 2 and 3 along z and x
     core[3:, :, 4:] = 2
     stats = control_stats(core, (0, 1, 2), 0.5, tile_id=7)
     assert stats.shape == (3, CONTROL_PLANES + 2, 3)
     for i, axis in enumerate((0, 1, 2)):
-        drawn = control_positions(6, 7, axis)
+        drawn = control_positions(core.shape[axis], 7, axis)
         assert len(drawn) == CONTROL_PLANES and len(set(drawn.tolist())) == CONTROL_PLANES
         for j, p in enumerate(drawn):
             expected = pair_stats(np.take(core, p - 1, axis), np.take(core, p, axis))

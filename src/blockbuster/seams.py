@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import array
 import csv
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +46,7 @@ import numpy as np
 from .tiling import Region, Tile, TileGrid
 
 __all__ = ["AMBIGUOUS_IOU", "SeamRecorder", "control_positions", "control_stats", "flag_text",
-           "pair_stats", "seam_planes", "write_seam_table"]
+           "pair_stats", "seam_planes", "stacked_pair_stats", "write_seam_table"]
 
 #: An object overlapping a partner across a plane pair with an IoU above this, but not above
 #: the stitcher's threshold, is ambiguous (and so is one overlapping two partners this much).
@@ -140,9 +141,10 @@ def control_positions(n: int, tile_id: int, axis: int, planes: int = CONTROL_PLA
     """Where a tile's control plane pairs lie along an axis of ``n`` voxels: ``p`` stands for
     the pair ``(p - 1, p)``.
 
-    The positions are drawn per tile and axis (the same in every run): borders all lie at one
+    The positions vary from tile to tile (the same in every run): borders all lie at one
     phase of the tile grid, so controls at one fixed place in every tile could all fall where
     a regular structure of the sample (cells in rows, a lattice) happens to end, or never.
+    Each tile takes one of ``_DRAWS`` draws per axis length, by a hash of its id and axis.
 
     Examples
     --------
@@ -153,9 +155,23 @@ def control_positions(n: int, tile_id: int, axis: int, planes: int = CONTROL_PLA
     """
     if n < 2:
         return np.zeros(0, np.int64)
-    rng = np.random.default_rng([int(tile_id), int(axis), 0x5EA4])
-    k = min(planes, n - 1)
-    return np.sort(rng.choice(np.arange(1, n), size=k, replace=False)).astype(np.int64)
+    draws = _control_draws(n, min(planes, n - 1))
+    # Knuth's multiplicative hash: neighbouring tiles take unrelated draws
+    return draws[((int(tile_id) * 2 + int(axis)) * 2654435761 >> 7) % _DRAWS]
+
+
+#: Distinct control position draws per axis length.
+_DRAWS = 251
+
+
+@functools.lru_cache(maxsize=64)
+def _control_draws(n: int, k: int) -> np.ndarray:
+    """``_DRAWS`` sorted draws of ``k`` distinct positions in ``1 .. n - 1`` (fixed seed)."""
+    rng = np.random.default_rng([n, k, 0x5EA4])
+    draws = np.array([np.sort(rng.choice(np.arange(1, n), size=k, replace=False))
+                      for _ in range(_DRAWS)], np.int64)
+    draws.flags.writeable = False
+    return draws
 
 
 def control_stats(core: np.ndarray, linked_axes: tuple[int, ...], threshold: float,
@@ -177,16 +193,93 @@ def control_stats(core: np.ndarray, linked_axes: tuple[int, ...], threshold: flo
     [[1, 1, 0], [2, 0, 0]]
     """
     out = np.zeros((len(linked_axes), planes + 2, 3), np.int64)
+    core = np.asarray(core)
+    where: list[tuple[int, int]] = []
+    before: list[np.ndarray] = []
+    after: list[np.ndarray] = []
     for i, axis in enumerate(linked_axes):
         n = core.shape[axis]
         if n < 2:
             continue
         drawn = control_positions(n, tile_id, axis, planes).tolist()
-        for j, p in enumerate([*drawn, *[0] * (planes - len(drawn)), 1, n - 1]):
-            if p:
-                out[i, j] = pair_stats(np.take(core, p - 1, axis=axis),
-                                       np.take(core, p, axis=axis), threshold=threshold)
+        positions = np.array([*drawn, *[0] * (planes - len(drawn)), 1, n - 1], np.int64)
+        present = np.flatnonzero(positions)
+        where += [(i, j) for j in present.tolist()]
+        for planes_at, shift in ((before, 1), (after, 0)):
+            stack = np.moveaxis(np.take(core, positions[present] - shift, axis=axis), axis, 0)
+            planes_at.append(stack.reshape(len(present), -1))
+    if where:
+        # every pair of every axis at once (background fills the shorter planes): a tile
+        # costs a few NumPy calls, not a few per pair
+        width = max(p.shape[1] for p in before)
+        va, vb = (np.concatenate([_pad_columns(p, width) for p in side])
+                  for side in (before, after))
+        stats = stacked_pair_stats(va, vb, threshold)
+        rows, cols = zip(*where, strict=True)
+        out[list(rows), list(cols)] = stats
     return out
+
+
+def _pad_columns(planes: np.ndarray, width: int) -> np.ndarray:
+    if planes.shape[1] == width:
+        return planes
+    return np.pad(planes, ((0, 0), (0, width - planes.shape[1])))
+
+
+def stacked_pair_stats(va: np.ndarray, vb: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """:func:`pair_stats` (one numbering, no matches) of many plane pairs at once.
+
+    ``va, vb``: ``(k, m)`` arrays, row ``i`` of each one plane of pair ``i``; returns ``(k,
+    3)``. A label is keyed by its row (``row * L + label``), so that one ``np.unique`` serves
+    every pair.
+
+    Examples
+    --------
+    >>> a = np.array([[1, 1, 0, 2, 2, 0], [1, 1, 0, 2, 2, 0]])
+    >>> b = np.array([[1, 1, 0, 0, 0, 3], [1, 1, 0, 2, 2, 0]])
+    >>> stacked_pair_stats(a, b).tolist()
+    [[4, 2, 0], [4, 0, 0]]
+    """
+    va = np.asarray(va, np.int64)
+    vb = np.asarray(vb, np.int64)
+    k = va.shape[0]
+    out = np.zeros((k, 3), np.int64)
+    if va.size == 0:
+        return out
+    span = int(max(va.max(), vb.max())) + 1
+    row = np.arange(k, dtype=np.int64)[:, None] * span
+    keys_a, keys_b = (row + va)[va > 0], (row + vb)[vb > 0]
+    ua, size_a = np.unique(keys_a, return_counts=True)
+    ub, size_b = np.unique(keys_b, return_counts=True)
+    out[:, _OBJ] = _per_row(ua, span, k) + _per_row(ub, span, k)
+    goes_on_a, goes_on_b = np.isin(ua, ub), np.isin(ub, ua)
+    out[:, _ORPH] = _per_row(ua[~goes_on_a], span, k) + _per_row(ub[~goes_on_b], span, k)
+    both = (va > 0) & (vb > 0)
+    if both.any():
+        # the pairs of a label in a and one in b that overlap, keyed by both (row in a's key)
+        keys, inter = np.unique((row + va)[both] * span + vb[both], return_counts=True)
+        key_a = keys // span
+        key_b = key_a - key_a % span + keys % span
+        sa = size_a[np.searchsorted(ua, key_a)]
+        sb = size_b[np.searchsorted(ub, key_b)]
+        iou = inter / (sa + sb - inter)
+        weak = (iou > AMBIGUOUS_IOU) & (iou <= threshold)
+        flagged = [np.unique(np.concatenate([own[weak], _shared(own, inter >= AMBIGUOUS_IOU
+                                                                 * size)]))
+                   for own, size in ((key_a, sa), (key_b, sb))]
+        out[:, _AMB] = _per_row(flagged[0], span, k) + _per_row(flagged[1], span, k)
+    return out
+
+
+def _per_row(keys: np.ndarray, span: int, k: int) -> np.ndarray:
+    """How many of the row-keyed labels ``keys`` lie in each of ``k`` rows."""
+    return np.bincount(keys // span, minlength=k)
+
+
+def _shared(own: np.ndarray, big: np.ndarray) -> np.ndarray:
+    """The labels of ``own`` that cover a large part of two or more partners."""
+    ids, n = np.unique(own[big], return_counts=True)
+    return ids[n > 1]
 
 
 def _plane(arr: np.ndarray, origin: Region, axis: int, at: int, core: Region) -> np.ndarray:

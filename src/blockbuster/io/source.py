@@ -19,6 +19,7 @@ import dask.array as da
 import numpy as np
 
 from ..errors import BlockbusterError, InputError, InputReadError
+from .blocks import BlockCache, read_through, small_read
 from .model import Axis, ImageMetadata, guessed_axes
 
 __all__ = ["SAMPLE_BOXES", "ArrayRef", "ImageSource"]
@@ -88,6 +89,7 @@ class ImageSource:
     fixed: tuple[tuple[int, int], ...] = ()
     _ref: Any = field(default=None, repr=False)
     _array: Any = field(default=None, repr=False)
+    _blocks: BlockCache | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.shape = tuple(int(s) for s in self.shape)
@@ -478,7 +480,14 @@ class ImageSource:
         arr = self.array
         if isinstance(arr, da.Array):
             return np.asarray(arr[index].compute(scheduler="synchronous"))
-        return np.asarray(arr[index])
+        chunks = small_read(index, self.shape, self.storage_chunks, self.dtype.itemsize)
+        if chunks is None:
+            return np.asarray(arr[index])
+        # A read much smaller than its storage chunks (tiny tiles): the chunks are decoded
+        # once and kept for the next tiles, which read the same chunks in grid order.
+        if self._blocks is None:
+            self._blocks = BlockCache()
+        return read_through(self._blocks, arr, chunks)
 
     def _read_error(self, index: tuple[Any, ...], exc: Exception) -> InputReadError:
         voxels = ", ".join(f"{s.start}:{s.stop}" if isinstance(s, slice) else str(s)
@@ -565,6 +574,7 @@ class ImageSource:
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
+        state["_blocks"] = None  # decoded chunks stay in the process that read them
         if self._ref is not None:
             state["_array"] = None  # reopened lazily in the receiving process
         return state
