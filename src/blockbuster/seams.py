@@ -337,13 +337,16 @@ class SeamRecorder:
     numbers_padded: bool
     threshold: float = 0.5
     active: bool = True
-    #: the border rows (``COLUMNS``), flat: 8 int64 per border (a list of tuples would take
+    #: the border rows (``COLUMNS``), flat: 8 numbers per border (a list of tuples would take
     #: ten times the memory on a run of a million tiles)
-    rows: array.array = field(default_factory=lambda: array.array("q"))
+    rows: array.array = field(init=False)
     control: np.ndarray = field(init=False)
     tiles_without_controls: int = 0
 
     def __post_init__(self) -> None:
+        # int32 when every value fits (tile ids, positions, counts): half the memory
+        small = max(self.grid.n_tiles, *self.grid.shape) < 2**31
+        self.rows = array.array("i" if small else "q")
         self.control = np.zeros((self.grid.ndim, len(_CONTROL_SUMS)), np.float64)
         self.near = np.zeros((self.grid.ndim, len(_CONTROL_SUMS)), np.float64)
 
@@ -382,7 +385,8 @@ class SeamRecorder:
         if not self.active:
             return None
         names = axis_names or [str(a) for a in range(self.grid.ndim)]
-        return SeamReport.build(np.frombuffer(self.rows, np.int64).reshape(-1, len(COLUMNS)),
+        return SeamReport.build(np.frombuffer(self.rows, f"i{self.rows.itemsize}").astype(np.int64)
+                                .reshape(-1, len(COLUMNS)),
                                 self.control, self.near, names, self.grid.linked_axes)
 
 

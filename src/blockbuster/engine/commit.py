@@ -289,7 +289,8 @@ class Committer:
             meta["written"] = True  # skipped: background, nothing to write
         ref = self.writer.append("seg", seg.tile_id, meta, arrays)
         self.state.note("seg", seg.tile_id, ref, meta)
-        self._remember(seg.tile_id, self.state.entry(ref))
+        self._remember(seg.tile_id, Entry.in_memory("seg", seg.tile_id, meta, arrays, ref,
+                                                    self.state.reader))
         self.frontier += 1
         if seg.raw is not None:
             self._pending_jobs.append(WriteJob(seg.tile_id, seg.raw, glabels))

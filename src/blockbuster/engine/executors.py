@@ -21,7 +21,7 @@ import math
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Executor as FuturesExecutor
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
@@ -54,7 +54,7 @@ class Executor(ABC):
     name = "executor"
 
     @abstractmethod
-    def run(self, ctx: TaskContext, todo: list[int], committer: Committer,
+    def run(self, ctx: TaskContext, todo: Sequence[int], committer: Committer,
             progress: Progress) -> None:
         """Segment every tile of ``todo`` and hand each to ``committer.accept``."""
 
@@ -84,7 +84,7 @@ class InProcess(Executor):
 
     name = "this process"
 
-    def run(self, ctx: TaskContext, todo: list[int], committer: Committer,
+    def run(self, ctx: TaskContext, todo: Sequence[int], committer: Committer,
             progress: Progress) -> None:
         committer.rewrite_jobs()
         if not todo:
@@ -143,7 +143,7 @@ class ThreadPool(Executor):
         #: tiles segmented but not stored at once (their labels are in memory)
         self.in_flight = in_flight or 2 * workers
 
-    def run(self, ctx: TaskContext, todo: list[int], committer: Committer,
+    def run(self, ctx: TaskContext, todo: Sequence[int], committer: Committer,
             progress: Progress) -> None:
         committer.rewrite_jobs()
         queue = iter(todo)
@@ -183,7 +183,7 @@ class Dask(Executor):
     def _threads(self) -> int:
         return max(1, sum(self.client.nthreads().values()))
 
-    def run(self, ctx: TaskContext, todo: list[int], committer: Committer,
+    def run(self, ctx: TaskContext, todo: Sequence[int], committer: Committer,
             progress: Progress) -> None:
         from distributed import as_completed
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,7 +179,9 @@ def execute(plan: RunPlan, target: OutputTarget, work: WorkDir, manifest: dict[s
 
         committer = Committer(grid, plan.stitcher(), state, writer, view, to_uint64,
                               remote_writes=executor.remote_writes)
-        todo = [t for t in range(grid.n_tiles) if t not in state.seg]
+        # a new run: every tile, without a list of a million ints
+        todo: Sequence[int] = [t for t in range(grid.n_tiles) if t not in state.seg] \
+            if len(state.seg) else range(grid.n_tiles)
         done = grid.n_tiles - len(todo)
         if done:
             log.info("resuming: %d of %d tiles already done", done, grid.n_tiles)
@@ -286,7 +289,7 @@ def _attach_report(exc: BaseException, recorder: RunRecorder) -> None:
             exc.report = recorder.report("failed", exc)  # type: ignore[attr-defined]
 
 
-def segment_tiles(executor: Executor, ctx: TaskContext, todo: list[int], committer: Committer,
+def segment_tiles(executor: Executor, ctx: TaskContext, todo: Sequence[int], committer: Committer,
                   bar: Any) -> None:
     """Step 3: the executor runs the tiles; the committer labels and writes each one."""
     executor.run(ctx, todo, committer, bar)
@@ -336,7 +339,9 @@ def _end_pass(plan: RunPlan, committer: Committer, writer: PackWriter,
     for t in range(grid.n_tiles):
         entry = state.record(t)
         counts = entry.get("counts")
-        glabels, _ = state.assigned_labels(t)
+        # a tile assigned at once holds its global labels in its own record: read it once
+        glabels = entry.get("glabels") if state.assignment[t] == entry.ref \
+            else state.assigned_labels(t)[0]
         # stitch="whole": only the objects the tile kept are written from its own labels
         has_labels[t] = bool(((counts[1:] > 0) & (glabels[1:] > 0)).any()) \
             if committer.whole else bool(counts[1:].any())

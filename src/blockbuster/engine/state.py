@@ -51,6 +51,7 @@ import threading
 import time
 import uuid
 import zlib
+from collections.abc import Iterable, Iterator, MutableMapping, MutableSet
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,7 +92,7 @@ FSYNC_INTERVAL_S = 1.0
 
 
 # -- entries ----------------------------------------------------------------------------------
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EntryRef:
     """Where an entry lies: a pack file of the work directory, and its byte range."""
 
@@ -125,6 +126,21 @@ class Entry:
         self._payload_at = payload_at
         self._reader = reader
         self._cache: dict[str, np.ndarray] = {}
+
+    @classmethod
+    def in_memory(cls, kind: str, tile: int, meta: dict[str, Any],
+                  arrays: dict[str, np.ndarray], ref: EntryRef, reader: _PackReader) -> Entry:
+        """The entry just appended at ``ref``, from the arrays that were written (not read
+        back: the engine matches later tiles with a tile's record right after writing it).
+
+        Its core labels are left out (a tile's largest array; what needs them reads the entry
+        from its pack).
+        """
+        kept = {name: arr for name, arr in arrays.items() if name != "labels"}
+        entry = cls({"kind": kind, "tile": tile, "meta": meta,
+                     "arrays": {name: {} for name in kept}}, ref, 0, reader)
+        entry._cache = kept
+        return entry
 
     def __contains__(self, name: str) -> bool:
         return name in self._specs
@@ -333,6 +349,86 @@ class _PackReader:
 
 
 # -- the index of a run's entries -------------------------------------------------------------
+class RefTable(MutableMapping[int, EntryRef]):
+    """Tile id -> :class:`EntryRef`, in arrays: 20 bytes a tile, where a dict of refs takes
+    about 400 (a run of a million tiles keeps two of these)."""
+
+    def __init__(self, n_tiles: int):
+        self._pack = np.full(n_tiles, -1, np.int32)
+        self._offset = np.zeros(n_tiles, np.int64)
+        self._length = np.zeros(n_tiles, np.int64)
+        self._packs: list[str] = []
+        self._pack_ids: dict[str, int] = {}
+        self._len = 0
+
+    def __getitem__(self, tile: int) -> EntryRef:
+        if tile not in self:
+            raise KeyError(tile)
+        return EntryRef(self._packs[self._pack[tile]], int(self._offset[tile]),
+                        int(self._length[tile]))
+
+    def __setitem__(self, tile: int, ref: EntryRef) -> None:
+        pack = self._pack_ids.get(ref.pack)
+        if pack is None:
+            pack = self._pack_ids[ref.pack] = len(self._packs)
+            self._packs.append(ref.pack)
+        if self._pack[tile] < 0:
+            self._len += 1
+        self._pack[tile], self._offset[tile], self._length[tile] = pack, ref.offset, ref.length
+
+    def __delitem__(self, tile: int) -> None:
+        if tile not in self:
+            raise KeyError(tile)
+        self._pack[tile] = -1
+        self._len -= 1
+
+    def __contains__(self, tile: object) -> bool:
+        return bool(isinstance(tile, (int, np.integer)) and 0 <= tile < len(self._pack)
+                    and self._pack[tile] >= 0)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(np.flatnonzero(self._pack >= 0).tolist())
+
+    def __len__(self) -> int:
+        return self._len
+
+
+class TileSet(MutableSet[int]):
+    """A set of tile ids as one byte per tile of the run."""
+
+    def __init__(self, n_tiles: int):
+        self._in = np.zeros(n_tiles, bool)
+        self._len = 0
+
+    def __contains__(self, tile: object) -> bool:
+        return bool(isinstance(tile, (int, np.integer)) and 0 <= tile < len(self._in)
+                    and self._in[tile])
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(np.flatnonzero(self._in).tolist())
+
+    def __len__(self) -> int:
+        return self._len
+
+    def add(self, tile: int) -> None:
+        if not self._in[tile]:
+            self._in[tile] = True
+            self._len += 1
+
+    def discard(self, tile: int) -> None:
+        if tile in self:
+            self._in[tile] = False
+            self._len -= 1
+
+    def update(self, tiles: Iterable[int]) -> None:
+        for tile in tiles:
+            self.add(tile)
+
+    def difference_update(self, tiles: Iterable[int]) -> None:
+        for tile in tiles:
+            self.discard(tile)
+
+
 class RunState:
     """What the work directory says about every tile, read from its pack files.
 
@@ -344,12 +440,12 @@ class RunState:
         self.work = work
         self.n_tiles = n_tiles
         self.reader = _PackReader(work.packs_dir)
-        self.seg: dict[int, EntryRef] = {}
-        self.assignment: dict[int, EntryRef] = {}  # the seg or asg entry holding glabels
-        self.written: set[int] = set()
+        self.seg = RefTable(n_tiles)
+        self.assignment = RefTable(n_tiles)  # the seg or asg entry holding glabels
+        self.written = TileSet(n_tiles)
         self.failed: dict[int, EntryRef] = {}
         self.backups: dict[int, EntryRef] = {}
-        self.fixed: set[int] = set()
+        self.fixed = TileSet(n_tiles)
         self.uint64 = False
         self.attempts = 0
         self.damaged: list[str] = []
