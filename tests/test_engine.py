@@ -328,3 +328,42 @@ def test_tiles_and_overlaps_are_put_on_the_segmenters_grid(tmp_path, blobs2d, ca
     auto = make_plan(source, fn, describe_segmenter(fn), tile_shape="auto", memory=2 * 2**20)
     assert all(t % 16 == 0 or t == 300 for t in auto.grid.tile_shape)
     assert plan.summary()["network_grid"] == [16, 16]
+
+
+def test_pack_entries_round_trip_small_arrays_raw_and_older_entries(tmp_path):
+    """Small arrays are stored as they are, larger ones compressed; an entry written before
+    (every array compressed, no codec named) still reads; the tile tables hold what is noted."""
+    from blockbuster.engine import state as st
+
+    writer = st.PackWriter(tmp_path, 1, "main")
+    small, large = np.arange(5, dtype=np.int64), np.arange(10_000, dtype=np.uint32)
+    ref = writer.append("seg", 3, {"n": 4}, {"small": small, "large": large})
+    old = writer.append("seg", 4, {"n": 1}, {"small": small})
+    writer.close()
+    # rewrite the second entry as the earlier format had it: compressed, no codec
+    header = {"kind": "seg", "tile": 4, "meta": {"n": 1}, "arrays": {}}
+    blob = st._CODEC.encode(small)
+    header["arrays"]["small"] = {"dtype": small.dtype.str, "shape": [5], "offset": 0,
+                                 "nbytes": len(blob), "crc": st.zlib.crc32(blob)}
+    encoded = st.json.dumps(header, separators=(",", ":")).encode()
+    data = st._FIXED.pack(st._MAGIC, len(encoded), len(blob), st.zlib.crc32(encoded)) \
+        + encoded + blob
+    pack = tmp_path / ref.pack
+    pack.write_bytes(pack.read_bytes()[:old.offset] + data)
+    reader = st._PackReader(tmp_path)
+    entry = reader.entry(ref)
+    assert entry._specs["small"]["codec"] == "raw" and "codec" not in entry._specs["large"]
+    assert np.array_equal(entry.get("small"), small) and np.array_equal(entry.get("large"), large)
+    earlier = reader.entry(st.EntryRef(ref.pack, old.offset, len(data)))
+    assert np.array_equal(earlier.get("small"), small)
+    reader.close()
+
+    table, tiles = st.RefTable(10), st.TileSet(10)
+    table[3], table[7] = ref, old
+    tiles.update([2, 9])
+    tiles.discard(2)
+    assert table[3] == ref and 7 in table and 5 not in table and len(table) == 2
+    del table[7]
+    assert list(table) == [3] and list(tiles) == [9] and 2 not in tiles and len(tiles) == 1
+    with pytest.raises(KeyError):
+        table[7]

@@ -11,8 +11,8 @@ A pack file is a sequence of entries, each written whole by one process (the run
 writes ``main`` packs; a dask worker writes the raw labels of the tiles it segmented into its
 own pack, so no file ever has two writers). Every entry has a fixed header (magic, lengths and
 CRC-32 checksums), a JSON header (kind, tile, metadata, and per array its dtype, shape, place
-and checksum) and the arrays, each compressed on its own so that a reader decompresses only
-what it asks for. Entries are never changed: a later entry of the same kind and tile replaces
+and checksum) and the arrays, each compressed on its own (the smallest stored as they are) so
+that a reader decompresses only what it asks for. Entries are never changed: a later entry of the same kind and tile replaces
 an earlier one. A torn or damaged entry is ignored with a warning (its tile is simply done
 again), so a crash at any moment, or a damaged file, never blocks a resume.
 
@@ -85,6 +85,9 @@ _CODEC = numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.BITSHUF
 _MAGIC = b"BBE2"
 # magic, JSON header length, payload length, CRC-32 of the JSON header
 _FIXED = struct.Struct("<4sIQI")
+#: Arrays of at most this many bytes are stored as they are (compressing a tile's small
+#: arrays cost more than the rest of its record; entries without a codec are compressed).
+RAW_BYTES = 512
 #: A pack file is closed and a new one started past this size.
 PACK_BYTES = 1 << 30
 #: Entries are made durable (fsync) at least this often, and at once when asked to.
@@ -157,7 +160,7 @@ class Entry:
             if zlib.crc32(blob) != spec["crc"]:
                 raise DamagedEntry(f"array {name!r} of the {self.kind} entry of tile {self.tile} "
                                    f"in {self.ref.pack} at byte {self.ref.offset} is damaged")
-            raw = _CODEC.decode(blob) if blob else b""
+            raw = blob if not blob or spec.get("codec") == "raw" else _CODEC.decode(blob)
             self._cache[name] = np.frombuffer(raw, dtype=spec["dtype"]).reshape(spec["shape"])
         return self._cache[name]
 
@@ -177,9 +180,13 @@ def _encode(kind: str, tile: int, meta: dict[str, Any], arrays: dict[str, np.nda
     blobs, specs, offset = [], {}, 0
     for name, arr in arrays.items():
         arr = np.ascontiguousarray(arr)
-        blob = _CODEC.encode(arr) if arr.size else b""
-        specs[name] = {"dtype": arr.dtype.str, "shape": list(arr.shape), "offset": offset,
-                       "nbytes": len(blob), "crc": zlib.crc32(blob)}
+        spec: dict[str, Any] = {"dtype": arr.dtype.str, "shape": list(arr.shape)}
+        if arr.nbytes <= RAW_BYTES:
+            blob = arr.tobytes()
+            spec["codec"] = "raw"
+        else:
+            blob = _CODEC.encode(arr)
+        specs[name] = {**spec, "offset": offset, "nbytes": len(blob), "crc": zlib.crc32(blob)}
         blobs.append(blob)
         offset += len(blob)
     header = json.dumps({"kind": kind, "tile": int(tile), "meta": meta, "arrays": specs},
