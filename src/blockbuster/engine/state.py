@@ -12,9 +12,10 @@ writes ``main`` packs; a dask worker writes the raw labels of the tiles it segme
 own pack, so no file ever has two writers). Every entry has a fixed header (magic, lengths and
 CRC-32 checksums), a JSON header (kind, tile, metadata, and per array its dtype, shape, place
 and checksum) and the arrays, each compressed on its own (the smallest stored as they are) so
-that a reader decompresses only what it asks for. Entries are never changed: a later entry of the same kind and tile replaces
-an earlier one. A torn or damaged entry is ignored with a warning (its tile is simply done
-again), so a crash at any moment, or a damaged file, never blocks a resume.
+that a reader decompresses only what it asks for. Entries are never changed: a later entry of
+the same kind and tile replaces an earlier one. A torn or damaged entry is ignored with a
+warning (its tile is simply done again), so a crash at any moment, or a damaged file, never
+blocks a resume.
 
 Entry kinds:
 

@@ -51,8 +51,10 @@ def unique_pairs(pairs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray
     vb = np.concatenate([p[1] for p in pairs]).astype(np.int64)
     if va.size == 0:
         return va, vb
-    both = np.unique(np.stack([va, vb], axis=1), axis=0)
-    return both[:, 0], both[:, 1]
+    # one int64 key per pair (labels are local: far below 2**31), sorted as (a, b) pairs are
+    span = int(vb.max()) + 1
+    a, b = np.divmod(np.unique(va * span + vb), span)
+    return a, b
 
 
 class FacesStitcher(Stitcher):
