@@ -178,6 +178,7 @@ def child(params: dict[str, Any]) -> list[dict[str, Any]]:
     rows = [{"model": name, "method": "whole image (reference)", "tile": "-", "overlap": "-",
              "seconds": whole_seconds, "f1": 1.0, "n_ref": n_objects, "n_out": n_objects,
              "grid": _fmt(grid), "preferred_overlap": _fmt(default_overlap),
+             "receptive_field": _fmt(getattr(seg, "receptive_field", None) or ("-",)),
              "diameter": _fmt(object_diameter(reference))}]
     print(f"[{name}] grid {grid}, preferred overlap {seg.preferred_overlap}, "
           f"{rows[0]['n_ref']} objects in the whole-image prediction", file=sys.stderr, flush=True)
@@ -530,6 +531,7 @@ def main() -> None:
     quality = [{"model": n, "train_s": f"{m['train_seconds']:.0f}",
                 "grid": declared.get(n, {}).get("grid", "-"),
                 "overlap": declared.get(n, {}).get("preferred_overlap", "-"),
+                "rf": declared.get(n, {}).get("receptive_field", "-"),
                 "f1_gt": f"{m['quality']['all']['f1']:.3f}",
                 "f1_held_out": (f"{m['quality']['held_out_rows']['f1']:.3f}"
                                 if "held_out_rows" in m["quality"] else "-"),
@@ -543,7 +545,8 @@ def main() -> None:
                                    ("f1_gt", "F1 vs ground truth"),
                                    ("f1_held_out", "F1 held-out rows"),
                                    ("objects", "GT objects"), ("grid", "declared grid"),
-                                   ("overlap", "preferred overlap"), ("config", "config")]),
+                                   ("overlap", "preferred overlap"),
+                                   ("rf", "receptive field"), ("config", "config")]),
         "Tiled vs whole-image prediction of the same model:": format_table(table_rows, COLUMNS),
     }
     diagnosis = [r for r in rows if r.get("method") == "diagnosis"]

@@ -168,6 +168,7 @@ def test_receptive_field_matches_stardists_own_measurement(make) -> None:
         assert mine is not None
         assert all(m >= r for m, r in zip(mine, measured, strict=True)), (mine, measured)
         assert all(m <= r + 4 for m, r in zip(mine, measured, strict=True)), (mine, measured)
+        assert seg.receptive_field == mine
     assert receptive_field({"backbone": "resnet"}, 2) is None
 
 
