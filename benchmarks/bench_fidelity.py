@@ -85,8 +85,7 @@ QUICK_3D = {"settings": [((16, 32, 32), (8, 16, 16), None)], "tile_norm": [], "o
 #: ``cellpose3-consistent``: one network window per tile and one style vector for the whole
 #: image, so that Cellpose's prediction of a pixel no longer depends on the window it is in.
 VARIANTS = {"cellpose3-consistent": ("cellpose3", {"bsize": "tile", "style": "image"})}
-SWEEP_VARIANT = {"settings": [(128, 32, None), (128, 48, None), (144, 48, None),
-                              (176, 48, None)], "tile_norm": [], "own": []}
+SWEEP_VARIANT = {"settings": [(128, 48, None), (176, 48, None)], "tile_norm": [], "own": []}
 
 MODELS = ("stardist2d", "stardist3d", "cellpose3", "cellpose3-consistent")
 
