@@ -81,7 +81,13 @@ QUICK_2D = {"settings": [(128, 32, None), (129, 32, None)], "tile_norm": [(128, 
             "own": [(128, 32)]}
 QUICK_3D = {"settings": [((16, 32, 32), (8, 16, 16), None)], "tile_norm": [], "own": []}
 
-MODELS = ("stardist2d", "stardist3d", "cellpose3")
+#: A trained model run with other plugin settings: name -> (trained model, plugin keywords).
+#: ``cellpose3-consistent``: one network window per tile and one style vector for the whole
+#: image, so that Cellpose's prediction of a pixel no longer depends on the window it is in.
+VARIANTS = {"cellpose3-consistent": ("cellpose3", {"bsize": "tile", "style": "image"})}
+SWEEP_VARIANT = {"settings": [(128, 48, None), (176, 48, None)], "tile_norm": [], "own": []}
+
+MODELS = ("stardist2d", "stardist3d", "cellpose3", "cellpose3-consistent")
 
 
 # -- settings -----------------------------------------------------------------------------------
@@ -125,16 +131,17 @@ def on_grid(tile: Sequence[int], overlap: Sequence[int], grid: Sequence[int]) ->
 
 # -- the child: one model, every setting ----------------------------------------------------------
 def make_segmenter(name: str, normalize: str = "global") -> Any:
-    manifest = read_manifest(name)
+    base, extra = VARIANTS.get(name, (name, {}))
+    manifest = read_manifest(base)
     assert manifest is not None
     path = manifest["model_path"]
-    if name.startswith("stardist"):
+    if base.startswith("stardist"):
         from blockbuster.plugins.stardist import stardist_fn
 
-        return stardist_fn(path, normalize=normalize)
+        return stardist_fn(path, normalize=normalize, **extra)
     from blockbuster.plugins.cellpose import cellpose_fn
 
-    return cellpose_fn(path, normalize=normalize, **EVAL[name])
+    return cellpose_fn(path, normalize=normalize, **EVAL[base], **extra)
 
 
 def run_tiled(image: np.ndarray, seg: Any, tile: tuple[int, ...], overlap: tuple[int, ...],
@@ -170,9 +177,18 @@ def child(params: dict[str, Any]) -> list[dict[str, Any]]:
     rows = [{"model": name, "method": "whole image (reference)", "tile": "-", "overlap": "-",
              "seconds": whole_seconds, "f1": 1.0, "n_ref": n_objects, "n_out": n_objects,
              "grid": _fmt(grid), "preferred_overlap": _fmt(default_overlap),
+             "receptive_field": _fmt(getattr(seg, "receptive_field", None) or ("-",)),
              "diameter": _fmt(object_diameter(reference))}]
     print(f"[{name}] grid {grid}, preferred overlap {seg.preferred_overlap}, "
           f"{rows[0]['n_ref']} objects in the whole-image prediction", file=sys.stderr, flush=True)
+
+    for row in shift_floor(name, seg, image, reference, grid):
+        rows.append(row)
+        print(f"[{name}] {_line(row)}", file=sys.stderr, flush=True)
+    if name == "cellpose3" and params.get("diagnose", True):
+        for row in cellpose_diagnosis(name, image, reference, work):
+            rows.append(row)
+            print(f"[{name}] {_line(row)}", file=sys.stderr, flush=True)
 
     done: dict[tuple, dict[str, Any]] = {}
 
@@ -213,6 +229,93 @@ def child(params: dict[str, Any]) -> list[dict[str, Any]]:
             rows.append(row)
             print(f"[{name}] {_line(row)}", file=sys.stderr, flush=True)
     shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+#: Self-consistency: the whole image shifted by this many grid steps (per axis).
+SHIFT_STEPS = (1, 2)
+SELF = "same model, whole image shifted"
+
+
+def shifted_prediction(seg: Any, image: np.ndarray, shift: Sequence[int]) -> np.ndarray:
+    """The segmenter on ``image`` with ``shift`` voxels of background before it on every axis,
+    cropped back to the image: the same image, moved by ``shift`` relative to the network's
+    windows and padding (background: the low normalisation percentile, which maps to 0, what
+    the networks pad with)."""
+    low = seg.norm.low[0] if seg.norm is not None else float(np.min(image))
+    padded = np.pad(image.astype(np.float32), [(s, 0) for s in shift], mode="constant",
+                    constant_values=low)
+    labels = np.asarray(seg(padded))
+    return labels[tuple(slice(s, None) for s in shift)]
+
+
+def shift_floor(name: str, seg: Any, image: np.ndarray, reference: np.ndarray,
+                grid: tuple[int, ...]) -> list[dict[str, Any]]:
+    """The model against itself: whole image vs the whole image shifted by k grid steps.
+
+    No tiling can agree with the whole-image prediction better than the model agrees with
+    itself under a shift that keeps every voxel on the grid: this is each model's floor.
+    """
+    rows = []
+    for k in SHIFT_STEPS:
+        shift = tuple(k * g for g in grid)
+        row = {"model": name, "method": SELF, "normalize": "global", "stitch": "-",
+               "tile": "-", "overlap": f"{_fmt(shift)} before ({k} grid step{'s' * (k > 1)})",
+               "align": "-", "on_grid": True}
+        start = time.perf_counter()
+        try:
+            labels = shifted_prediction(seg, image, shift)
+            row.update(compare(reference, labels), seconds=time.perf_counter() - start)
+        except Exception as exc:
+            row.update(error=_error_text(exc))
+        rows.append(row)
+    return rows
+
+
+# -- Cellpose: where its tiled and whole-image predictions part --------------------------------
+#: (label, plugin keywords added to the model's EVAL)
+CELLPOSE_VARIANTS = [
+    ("as released (224 px windows, each its own style)", {}),
+    ("one window per input (bsize='tile')", {"bsize": "tile"}),
+    ("one style for the image (style='image')", {"style": "image"}),
+    ("both (bsize='tile', style='image')", {"bsize": "tile", "style": "image"}),
+]
+#: The tiled setting the diagnosis runs (2-D tile, overlap, stitch).
+DIAG_TILED = (128, 48, "whole")
+
+
+def cellpose_diagnosis(name: str, image: np.ndarray, reference: np.ndarray, work: Path
+                       ) -> list[dict[str, Any]]:
+    """Per variant of how Cellpose runs: its whole-image labels against the released
+    whole-image labels and against the ground truth, against itself shifted by one grid step,
+    and tiled (:data:`DIAG_TILED`) against its own whole-image labels."""
+    from blockbuster.io import open_image
+    from blockbuster.plugins.cellpose import cellpose_fn
+    from blockbuster.segmenter import grid_per_axis
+
+    manifest = read_manifest(name)
+    assert manifest is not None
+    _, truth = load_pair(2)
+    tile, overlap, stitch = DIAG_TILED
+    rows = []
+    for label, extra in CELLPOSE_VARIANTS:
+        row: dict[str, Any] = {"model": name, "method": "diagnosis", "variant": label}
+        try:
+            seg = cellpose_fn(manifest["model_path"], **{**EVAL[name], **extra})
+            seg.prepare(open_image(image))
+            grid = grid_per_axis(seg.grid, 2)
+            start = time.perf_counter()
+            whole = np.asarray(seg(image))
+            row["whole_s"] = time.perf_counter() - start
+            row["vs_released"] = compare(reference, whole)
+            row["vs_truth"] = compare(truth, whole)
+            row["shifted"] = compare(whole, shifted_prediction(seg, image, grid))
+            labels, seconds = run_tiled(image, seg, (tile, tile), (overlap, overlap),
+                                        stitch, work / "diag.zarr")
+            row["tiled"] = {**compare(whole, labels), "seconds": seconds}
+        except Exception as exc:
+            row["error"] = _error_text(exc)
+        rows.append(row)
     return rows
 
 
@@ -343,6 +446,11 @@ def _fmt(value: Sequence[int]) -> str:
 
 
 def _line(row: dict[str, Any]) -> str:
+    if row.get("method") == "diagnosis":
+        return f"diagnosis {row['variant']}: " + ", ".join(
+            f"{k} F1 {v['f1']:.3f} / {100 * v['voxels_one_to_one']:.2f} %"
+            for k, v in row.items() if isinstance(v, dict)) + (f" {row['error']}"
+                                                                if "error" in row else "")
     head = f"{row['method']} {row.get('normalize', '')} {row.get('stitch', '')} " \
            f"tile {row['tile']} overlap {row['overlap']} align {row.get('align', '-')}"
     if "error" in row:
@@ -355,7 +463,7 @@ def run_model(name: str, sweep: dict[str, Any], stitch: list[str], overlay: Path
               ) -> list[dict[str, Any]]:
     env = dict(os.environ)
     paths = [str(ROOT / "src")]
-    if name == "cellpose3":
+    if name.startswith("cellpose3"):
         paths.insert(0, str(overlay))
     env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -403,23 +511,26 @@ def main() -> None:
         rows, models = saved["rows"], saved["models"]
         names = []
     for name in names:
-        if not up_to_date(name):
+        base, extra = VARIANTS.get(name, (name, {}))
+        if not up_to_date(base):
             print(f"{name}: no trained model with the current settings; run "
-                  f"benchmarks/train_models.py {name} first", file=sys.stderr)
+                  f"benchmarks/train_models.py {base} first", file=sys.stderr)
             continue
-        manifest = read_manifest(name)
+        manifest = read_manifest(base)
         models[name] = {k: manifest[k] for k in ("train_seconds", "quality", "config")}
+        models[name]["config"] = {**models[name]["config"], **extra}
         sweep = (QUICK_3D if args.quick else SWEEP_3D) if name == "stardist3d" else \
-            (QUICK_2D if args.quick else SWEEP_2D)
+            (QUICK_2D if args.quick else SWEEP_VARIANT if name in VARIANTS else SWEEP_2D)
         start = time.perf_counter()
         rows += run_model(name, sweep, stitch, args.cellpose3_overlay)
         print(f"{name}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
         ROWS.write_text(json.dumps({"rows": rows, "models": models}, default=str))
-    table_rows = [_cells(row) for row in rows]
+    table_rows = [_cells(row) for row in rows if row.get("method") != "diagnosis"]
     declared = {r["model"]: r for r in rows if "grid" in r}
     quality = [{"model": n, "train_s": f"{m['train_seconds']:.0f}",
                 "grid": declared.get(n, {}).get("grid", "-"),
                 "overlap": declared.get(n, {}).get("preferred_overlap", "-"),
+                "rf": declared.get(n, {}).get("receptive_field", "-"),
                 "f1_gt": f"{m['quality']['all']['f1']:.3f}",
                 "f1_held_out": (f"{m['quality']['held_out_rows']['f1']:.3f}"
                                 if "held_out_rows" in m["quality"] else "-"),
@@ -433,9 +544,18 @@ def main() -> None:
                                    ("f1_gt", "F1 vs ground truth"),
                                    ("f1_held_out", "F1 held-out rows"),
                                    ("objects", "GT objects"), ("grid", "declared grid"),
-                                   ("overlap", "preferred overlap"), ("config", "config")]),
+                                   ("overlap", "preferred overlap"),
+                                   ("rf", "receptive field"), ("config", "config")]),
         "Tiled vs whole-image prediction of the same model:": format_table(table_rows, COLUMNS),
     }
+    diagnosis = [r for r in rows if r.get("method") == "diagnosis"]
+    if diagnosis:
+        tile, overlap, mode = DIAG_TILED
+        tables[f"Cellpose 3, where tiled and whole-image labels part (F1 / 1:1 voxels %): each "
+               "variant's own whole-image labels against the released whole-image labels and "
+               "against the ground truth, against the same variant on the image shifted by one "
+               f"grid step, and tiled (tile {tile}, overlap {overlap}, stitch={mode}) against "
+               "them:"] = format_table([_diag_cells(r) for r in diagnosis], DIAG_COLUMNS)
     if len(stitch) > 1:
         side, side_columns = modes_side_by_side(rows, stitch)
         tables = {"Stitch modes side by side (normalize global; F1 / 1:1 voxels %; >= diam.: "
@@ -447,6 +567,19 @@ def main() -> None:
            {"models": models, "rows": rows, "stitch": stitch},
            command_line(__file__, args.quick, *(["--stitch", args.stitch]
                                                 if args.stitch != "iou" else [])))
+
+
+DIAG_COLUMNS = [("variant", "Cellpose run as"), ("vs_released", "whole vs released whole"),
+                ("vs_truth", "whole vs ground truth"), ("shifted", "whole vs shifted whole"),
+                ("tiled", "tiled vs whole"), ("error", "note")]
+
+
+def _diag_cells(row: dict[str, Any]) -> dict[str, Any]:
+    out = dict(row)
+    for key, value in row.items():
+        if isinstance(value, dict) and "f1" in value:
+            out[key] = f"{value['f1']:.3f} / {100 * value['voxels_one_to_one']:.2f}"
+    return out
 
 
 def _short(value: Any) -> str:
@@ -478,6 +611,13 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
     for name in sorted({r["model"] for r in rows}):
         ref = next((r for r in rows if r["model"] == name and "diameter" in r), None)
         diameter = _numbers(ref["diameter"]) if ref is not None else None
+        floor = [r for r in rows if r["model"] == name and r.get("method") == SELF
+                 and "f1" in r]
+        if floor:
+            out.append(f"{name}, floor (the whole image against itself shifted by "
+                       f"{'-'.join(map(str, SHIFT_STEPS))} grid steps): worst F1 "
+                       f"{min(r['f1'] for r in floor):.3f}, worst 1:1 voxels "
+                       f"{100 * min(r['voxels_one_to_one'] for r in floor):.2f} %")
         mine = [r for r in rows if r["model"] == name and r.get("method") == "blockbuster"
                 and r.get("normalize") == "global" and "f1" in r]
         for stitch in sorted({r["stitch"] for r in mine}):

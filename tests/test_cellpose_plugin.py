@@ -223,6 +223,55 @@ def test_cellpose_windows_start_on_the_grid(make, monkeypatch: pytest.MonkeyPatc
         assert {(int(x[0]) - xpad) % 8 for x in xsub} == {0}
 
 
+def test_style_argument_is_checked(make, cellpose_major: int) -> None:
+    with pytest.raises(InputError, match="style="):
+        make(style="tile")
+    if cellpose_major >= 4:
+        with pytest.raises(InputError, match="has none"):
+            make(style="image")
+
+
+def test_one_style_for_the_whole_image(make, cellpose_major: int, nuclei: np.ndarray,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """style="image": prepare() computes one unit style vector from the image, and every
+    network window of every tile uses it (CPnet's own style module is never run)."""
+    if cellpose_major >= 4:
+        pytest.skip("Cellpose 4's network has no style vector")
+    from cellpose import transforms
+
+    image = nuclei[0]
+    with pytest.raises(InputError, match="prepare"):
+        make(style="image")(image)
+    seg = prepared(make(style="image", bsize="tile"), image)
+    style = np.asarray(seg.style_vector)
+    assert style.shape == (256,) and np.isclose(np.linalg.norm(style), 1.0)
+    assert pickle.loads(pickle.dumps(seg)).style_vector == seg.style_vector
+
+    windows = []
+    real_tiles = transforms.make_tiles
+
+    def make_tiles(*args, **kwargs):
+        out = real_tiles(*args, **kwargs)
+        windows.append(len(out[1]))
+        return out
+
+    net = seg.load_model().net
+    module_type = type(net.make_style)
+
+    def never(self, x):
+        raise AssertionError("CPnet computed its own style")
+
+    monkeypatch.setattr(transforms, "make_tiles", make_tiles)
+    monkeypatch.setattr(module_type, "forward", never)
+    large = np.tile(image, (4, 4))  # 256 x 320: several 224 px windows at Cellpose's bsize
+    labels = seg(large)
+    assert labels.shape == large.shape and labels.max() > 0
+    assert windows == [1]  # bsize="tile": one window for the whole tile
+    assert "forward" not in vars(net.make_style)  # the model is left as it was
+    monkeypatch.undo()
+    assert np.array_equal(seg(large), labels)  # the same style every time
+
+
 # -- running ----------------------------------------------------------------------------------
 def test_2d_tiles_and_per_plane_stacks(make, nuclei: np.ndarray) -> None:
     seg = prepared(make(), nuclei)

@@ -155,6 +155,23 @@ def test_preferred_overlap_is_a_multiple_of_the_grid(tmp_path: Path) -> None:
     assert seg.preferred_overlap == (16, 32, 32)
 
 
+def test_receptive_field_matches_stardists_own_measurement(make) -> None:
+    """The receptive field read from config.json bounds what StarDist measures on the network
+    (the response to a single bright pixel), and not by much."""
+    from blockbuster.plugins.stardist import receptive_field
+
+    for name, axes in (("tiny2d", "YX"), ("tiny3d", "ZYX")):
+        seg = make(name)
+        config = json.loads((Path(seg.spec["folder"]) / "config.json").read_text())
+        mine = receptive_field(config, seg.n_dim)
+        measured = seg.load_model()._axes_tile_overlap(axes)
+        assert mine is not None
+        assert all(m >= r for m, r in zip(mine, measured, strict=True)), (mine, measured)
+        assert all(m <= r + 4 for m, r in zip(mine, measured, strict=True)), (mine, measured)
+        assert seg.receptive_field == mine
+    assert receptive_field({"backbone": "resnet"}, 2) is None
+
+
 # -- running ----------------------------------------------------------------------------------
 def test_2d_model_on_planes_and_stacks(make, nuclei: np.ndarray) -> None:
     seg = prepared(make(), nuclei)

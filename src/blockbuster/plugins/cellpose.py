@@ -27,19 +27,30 @@ What this adds to calling Cellpose on each tile yourself:
   Cellpose's own padding and windows start on that grid too, then crops. Tiles that start on
   multiples of the grid then see the image exactly as the whole image does.
 
+- One style for the whole image (Cellpose 3, ``style="image"``): Cellpose 3's CPnet averages
+  its deepest features over each 224 px window into a "style" vector that modulates every
+  output pixel, so the same pixel gets a different prediction in a different window, in a
+  tile as in the whole image (the model disagrees with itself on 2-3 % of the voxels when the
+  image is shifted by one grid step). ``style="image"`` computes one style from windows spread
+  over the whole image in :meth:`CellposeSegmenter.prepare` and uses it in every window of
+  every tile; with ``bsize="tile"`` (one network window per tile, no blending of windows)
+  tiles then reproduce the whole image's prediction to the receptive field.
+
 Nothing is imported from Cellpose or torch when this module is imported.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import inspect
+import itertools
 import logging
 import math
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -102,6 +113,12 @@ _MIN_EDGE = 16
 _MAX_GRID = 256
 #: Cellpose's own window size per version (``bsize``) when the user does not set one.
 _DEFAULT_BSIZE = {3: 224, 4: 256}
+#: ``bsize="tile"``: a window larger than any tile, so Cellpose runs one window per tile.
+_TILE_BSIZE = 2**30
+#: ``style="image"``: at most this many windows per plane axis, and planes, are sampled.
+_STYLE_WINDOWS_PER_AXIS = 4
+_STYLE_PLANES = 4
+_STYLES = ("window", "image")
 
 # One inference at a time per model and process: GPU memory is sized for one tile.
 _EVAL_LOCKS: dict[Any, threading.Lock] = {}
@@ -142,8 +159,9 @@ def cellpose_fn(
     **eval_kwargs
         Passed to ``CellposeModel.eval`` (``flow_threshold``, ``cellprob_threshold``,
         ``min_size``, ``batch_size``, ``anisotropy``, ...), plus this plugin's keywords
-        ``percentiles``, ``invert``, ``device`` and ``model_kwargs`` (see
-        :class:`CellposeSegmenter`).
+        ``percentiles``, ``invert``, ``device``, ``model_kwargs`` and ``style`` (see
+        :class:`CellposeSegmenter`). ``bsize="tile"`` runs Cellpose's network on each tile
+        in one window (more memory per call; no blending of windows inside a tile).
 
     Returns
     -------
@@ -168,6 +186,12 @@ class CellposeSegmenter(Segmenter):
         Torch device for the model (``"cuda:1"``); overrides ``gpu``'s default device.
     model_kwargs : dict, optional
         Further arguments for ``CellposeModel(...)`` (e.g. ``{"use_bfloat16": False}``).
+    style : {"window", "image"}
+        Cellpose 3's style vector: ``"window"`` (Cellpose's own: each network window's), or
+        ``"image"``: one style computed in :meth:`prepare` from windows spread over the whole
+        image and used in every window of every tile, so that a pixel's prediction no longer
+        depends on the window it falls in. Use with ``bsize="tile"`` to reproduce whole-image
+        predictions tile by tile. Not for Cellpose 4 (its network has no style vector).
     """
 
     name = "cellpose"
@@ -188,6 +212,7 @@ class CellposeSegmenter(Segmenter):
         invert: bool = False,
         device: str | None = None,
         model_kwargs: dict[str, Any] | None = None,
+        style: str = "window",
         **eval_kwargs: Any,
     ) -> None:
         require(self.requires, self.extra or "cellpose", "Cellpose")
@@ -203,8 +228,11 @@ class CellposeSegmenter(Segmenter):
         self.model = _check_model(model, info)
         self.channels = _check_channels(channels, info)
         self.eval_kwargs = _check_eval_kwargs(eval_kwargs)
+        self.style = _check_style(style, info)
         #: Set by prepare() with normalize="global".
         self.norm: Percentiles | None = None
+        #: Set by prepare() with style="image": the style vector used in every window.
+        self.style_vector: list[float] | None = None
         self._warned_per_tile = False
 
     # -- declared preferences -----------------------------------------------------------------
@@ -277,6 +305,7 @@ class CellposeSegmenter(Segmenter):
             "percentiles": list(self.percentiles),
             "invert": self.invert,
             "eval_kwargs": jsonable(self.eval_kwargs),
+            "style": self.style,
         }
 
     def check_plan(self, spatial_shape: tuple[int, ...], tile_shape: tuple[int, ...],
@@ -307,6 +336,8 @@ class CellposeSegmenter(Segmenter):
         if self.normalize == "global":
             self.norm = Percentiles.from_image(image, self.percentiles)
             self._statistics = self.norm.statistics(image, self.percentiles)
+        if self.style == "image":
+            self.style_vector = self.image_style(image)
         if self.grid is None:
             log.info("Cellpose rescales by %s (diameter %s): no tile grid of at most %d px "
                      "maps onto its network's 8-pixel grid, so tiles cannot see the image "
@@ -317,11 +348,13 @@ class CellposeSegmenter(Segmenter):
 
     def segment(self, tile: np.ndarray) -> np.ndarray:
         """Cellpose labels (uint32) of one tile; each z-plane separately unless ``do_3D``."""
+        if self.style == "image" and self.style_vector is None:
+            raise InputError("style='image' needs prepare(image) first (tile_process calls it)")
         spatial, x = network_input(tile, self.channel_axis, self._normalized)
         if x is None:
             return np.zeros(spatial, np.uint32)
         model = self.load_model()
-        with _eval_lock(self._cache_key()):
+        with _eval_lock(self._cache_key()), self._fixed_style(model):
             if self.do_3D or self._stitches_planes:
                 if x.ndim != 4:
                     raise InputError(f"do_3D / stitch_threshold need 3-D tiles; got spatial "
@@ -332,6 +365,66 @@ class CellposeSegmenter(Segmenter):
             if x.ndim == 4:
                 return stack_plane_labels([self._eval_plane(model, plane) for plane in x])
         raise InputError(f"Cellpose takes 2-D or 3-D tiles; got spatial shape {spatial}")
+
+    def image_style(self, image: ImageSource) -> list[float]:
+        """Cellpose 3's style vector for the whole image: the styles of up to 4 x 4 windows
+        (each one network window, ``bsize`` rescaled) spread evenly over up to 4 evenly spaced
+        planes, summed and normalised as Cellpose sums and normalises its windows' styles."""
+        model = self.load_model()
+        if not hasattr(getattr(model, "net", None), "make_style"):
+            raise InputError("style='image' needs Cellpose 3's CPnet; this model's network has "
+                             "no style vector")
+        bsize = self._cellpose_windows()["bsize"]
+        side = max(_MIN_EDGE, int(bsize / self._xy_rescale()) - 16)  # one window, padded
+        plane = image.spatial_axes[-2:]
+        choices = []
+        for axis in image.tiled_axes:
+            n = image.shape[axis]
+            if axis in plane:
+                width = min(side, n)
+                count = min(_STYLE_WINDOWS_PER_AXIS, -(-n // width))
+                starts = np.linspace(0, n - width, count).round().astype(int)
+                choices.append([slice(int(a), int(a) + width) for a in starts])
+            else:
+                picks = np.linspace(0, n - 1, min(_STYLE_PLANES, n)).round().astype(int)
+                choices.append([slice(int(i), int(i) + 1) for i in dict.fromkeys(picks)])
+        total = np.zeros(0)
+        for region in itertools.product(*choices):
+            tile = image.read(region)
+            c = image.tile_channel_axis
+            x = np.moveaxis(tile, c, -1) if c is not None else tile[..., None]
+            x = x.reshape(x.shape[-3:])  # the plane and its channels: other axes have one voxel
+            if self.normalize == "global":
+                x = normalize_tile(x, self.norm, 2)  # type: ignore[arg-type]
+            x = x.astype(np.float32)
+            if self.invert and self.normalize != "tile":
+                x = 1.0 - x
+            args = {**self._eval_args(x.shape[-1]), "bsize": bsize}
+            style = np.asarray(model.eval(x, channel_axis=2, compute_masks=False, **args)[2],
+                               np.float64).reshape(-1)
+            total = style if total.size == 0 else total + style
+        norm = float(np.sqrt((total**2).sum()))
+        return [float(v) for v in (total / norm if norm > 0 else total)]
+
+    @contextlib.contextmanager
+    def _fixed_style(self, model: Any) -> Iterator[None]:
+        """With ``style="image"``: every network window uses :attr:`style_vector`."""
+        if self.style != "image":
+            yield
+            return
+        import torch
+
+        module = model.net.make_style
+        value = torch.tensor(self.style_vector or [], dtype=torch.float32)[None]
+
+        def fixed(features: Any) -> Any:
+            return value.to(features.device).expand(features.shape[0], -1)
+
+        module.forward = fixed  # an instance attribute: nn.Module calls it instead
+        try:
+            yield
+        finally:
+            del module.forward
 
     def _normalized(self, tile: np.ndarray) -> np.ndarray:
         if self.normalize == "tile":
@@ -350,6 +443,8 @@ class CellposeSegmenter(Segmenter):
             # A dict, never a bool: Cellpose writes a bool into its module-level defaults.
             normalize = {"normalize": False}
         args = {**self.eval_kwargs, "normalize": normalize, "diameter": self.diameter}
+        if args.get("bsize") == "tile":
+            args["bsize"] = _TILE_BSIZE
         if not _cellpose_info()["v4"]:
             # Cellpose 3: grayscale unless the user chose channels ([0, 0] avoids its guessing).
             args["channels"] = self.channels or ([0, 0] if n_channels == 1 else None)
@@ -395,7 +490,8 @@ class CellposeSegmenter(Segmenter):
     def _cellpose_windows(self) -> dict[str, Any]:
         """How Cellpose pads and cuts its input (``aligned_length``'s keywords)."""
         v4 = _cellpose_info()["v4"]
-        bsize = int(self.eval_kwargs.get("bsize") or _DEFAULT_BSIZE[4 if v4 else 3])
+        bsize = self.eval_kwargs.get("bsize") or _DEFAULT_BSIZE[4 if v4 else 3]
+        bsize = _TILE_BSIZE if bsize == "tile" else int(bsize)
         if self.do_3D and not v4:
             bsize = _DEFAULT_BSIZE[3]  # Cellpose 3 does not pass bsize on in 3-D
         return {"bsize": bsize, "tile_overlap": float(self.eval_kwargs.get("tile_overlap", 0.1)),
@@ -504,6 +600,15 @@ def _check_eval_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
         raise InputError(f"unknown Cellpose argument(s): {', '.join(unknown)}; CellposeModel.eval "
                          f"takes {', '.join(sorted(allowed - _RESERVED_EVAL_KWARGS))}")
     return dict(kwargs)
+
+
+def _check_style(style: Any, info: dict[str, Any]) -> str:
+    if style not in _STYLES:
+        raise InputError(f"style={style!r} must be one of {', '.join(map(repr, _STYLES))}")
+    if style == "image" and info["v4"]:
+        raise InputError(f"style='image' fixes Cellpose 3's style vector; Cellpose "
+                         f"{info['version']}'s network has none (use style='window')")
+    return str(style)
 
 
 def _check_diameter(diameter: Any) -> float | None:

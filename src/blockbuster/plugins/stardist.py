@@ -185,6 +185,19 @@ class StardistSegmenter(Segmenter):
         return self.spec.get("net_grid")
 
     @property
+    def receptive_field(self) -> tuple[int, ...] | None:
+        """How far the network looks beyond a pixel, per axis (see :func:`receptive_field`).
+
+        A tile's prediction of a pixel equals the whole image's only when the pixel lies this
+        far inside the tile's read region. It is larger than the preferred overlap (106 px for
+        2D_versatile_fluo's U-Net): most of a pixel's response comes from much nearer, and the
+        measured agreement with the whole image (``bench_fidelity``) rises slowly with the
+        overlap beyond one object diameter. None when unknown (pretrained model not on this
+        machine, ResNet backbone).
+        """
+        return self.spec.get("receptive_field")
+
+    @property
     def preferred_overlap(self) -> int | tuple[int, ...]:  # type: ignore[override]
         """32 (the guide's value for 2D_versatile_fluo), scaled by the model's grid and anisotropy,
         then rounded up to a multiple of the network grid.
@@ -371,7 +384,8 @@ def _folder_spec(folder: Path) -> dict[str, Any]:
             "n_channel_in": int(config.get("n_channel_in", 1)),
             "grid": tuple(config.get("grid") or (1,) * n_dim),
             "anisotropy": tuple(config["anisotropy"]) if config.get("anisotropy") else None,
-            "net_grid": network_grid(config, n_dim)}
+            "net_grid": network_grid(config, n_dim),
+            "receptive_field": receptive_field(config, n_dim)}
 
 
 def network_grid(config: dict[str, Any], n_dim: int) -> tuple[int, ...]:
@@ -394,6 +408,82 @@ def network_grid(config: dict[str, Any], n_dim: int) -> tuple[int, ...]:
     return tuple(g * p**depth for g, p in zip(grid, pool, strict=True))
 
 
+def receptive_field(config: dict[str, Any], n_dim: int) -> tuple[int, ...] | None:
+    """How far (input pixels, per axis) a StarDist U-Net looks beyond a pixel to predict it.
+
+    The network's receptive field from its ``config.json`` (no TensorFlow): StarDist's
+    convolutions and max-poolings down to its ``grid``, csbdeep's U-Net
+    (``unet_n_conv_per_depth`` convolutions per level down, in the middle and up, pooling and
+    nearest upsampling by ``unet_pool``, skip connections) and the convolution after it,
+    followed back from each output pixel to the input; the farthest reach beyond the pixel's
+    own ``grid`` cell, either side. StarDist's ``_compute_receptive_field`` (the response to
+    one bright pixel) finds the same for shallow U-Nets and a little less for deep ones, whose
+    outermost pixels weigh too little to change a float32 output (94 px for the U-Net of
+    2D_versatile_fluo, even with linear activations). None for a ResNet backbone.
+
+    Examples
+    --------
+    >>> receptive_field({"grid": [2, 2], "unet_n_depth": 3}, 2)  # 2D_versatile_fluo's U-Net
+    (106, 106)
+    >>> receptive_field({"grid": [1, 2, 2], "unet_n_depth": 2}, 3)
+    (26, 50, 50)
+    """
+    if config.get("backbone", "unet") != "unet":
+        return None
+    grid = tuple(int(g) for g in (config.get("grid") or (1,) * n_dim))
+    kernel = tuple(int(k) for k in (config.get("unet_kernel_size") or (3,) * n_dim))
+    pool = tuple(int(p) for p in (config.get("unet_pool") or (2,) * n_dim))
+    depth = int(config.get("unet_n_depth", 3 if n_dim == 2 else 2))
+    convs = int(config.get("unet_n_conv_per_depth", 2))
+    after = int(config.get("net_conv_after_unet", 128)) > 0
+    steps = max(round(math.log2(max(grid))), 0)  # StarDist pools by 2 up to the grid
+    return tuple(_axis_reach(g, (k - 1) // 2, p, depth, convs, after, steps)
+                 for g, k, p in zip(grid, kernel, pool, strict=True))
+
+
+def _axis_reach(grid: int, half: int, pool: int, depth: int, convs: int, after: bool,
+                steps: int) -> int:
+    """:func:`receptive_field` along one axis: intervals of positions followed backwards."""
+    Interval = tuple[int, int]
+
+    def conv(iv: Interval, n: int) -> Interval:
+        return iv[0] - n * half, iv[1] + n * half
+
+    def pool_back(iv: Interval, p: int) -> Interval:  # coarse positions -> fine positions
+        return p * iv[0], p * iv[1] + p - 1
+
+    def up_back(iv: Interval, p: int) -> Interval:  # fine positions -> coarse positions
+        return iv[0] // p, iv[1] // p
+
+    def union(a: Interval, b: Interval) -> Interval:
+        return min(a[0], b[0]), max(a[1], b[1])
+
+    def unet_back(iv: Interval, level: int) -> Interval:
+        """From the output of U-Net level ``level`` (its up path) back to its input."""
+        if level == depth:
+            return conv(iv, convs)  # the middle convolutions
+        iv = conv(iv, convs)  # up convolutions, on [upsampled deeper, skip]
+        deeper = unet_back(up_back(iv, pool), level + 1)
+        skip = union(iv, pool_back(deeper, pool))  # both at this level's down output
+        return conv(skip, convs)  # down convolutions
+
+    pools = []
+    jump = 1
+    for _ in range(steps):
+        pools.append(2 if jump < grid else 1)
+        jump *= pools[-1]
+    reach = 0
+    for x in range(pool**depth):  # every output position modulo the U-Net's own grid
+        iv = (x, x)
+        if after:
+            iv = conv(iv, 1)
+        iv = unet_back(iv, 0)
+        for p in reversed(pools):
+            iv = conv(pool_back(iv, p), convs)
+        reach = max(reach, grid * x - iv[0], iv[1] - (grid * x + grid - 1))
+    return reach
+
+
 def _pretrained_spec(name: str) -> dict[str, Any]:
     """Find a pretrained name in StarDist's registry (imports StarDist: only when used)."""
     registry = _pretrained_registry()
@@ -405,13 +495,14 @@ def _pretrained_spec(name: str) -> dict[str, Any]:
             channels = 3 if names[name] == "2D_versatile_he" else 1
             spec = {"class": cls_name, "n_dim": n_dim, "folder": None, "key": names[name],
                     "n_channel_in": channels, "grid": None, "anisotropy": None,
-                    "net_grid": None}
+                    "net_grid": None, "receptive_field": None}
             cached = _cached_pretrained_config(cls_name, names[name])
             if cached is not None:
                 spec.update(grid=tuple(cached.get("grid") or (1,) * n_dim),
                             anisotropy=(tuple(cached["anisotropy"]) if cached.get("anisotropy")
                                         else None),
-                            net_grid=network_grid(cached, n_dim))
+                            net_grid=network_grid(cached, n_dim),
+                            receptive_field=receptive_field(cached, n_dim))
             return spec
     known = sorted(n for names in registry.values() for n in names)
     raise InputError(f"{name!r} is neither a pretrained StarDist model ({', '.join(known)}) nor "
