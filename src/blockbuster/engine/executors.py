@@ -17,6 +17,7 @@ on another.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import uuid
@@ -40,6 +41,8 @@ from ..tasks import (
 from .commit import Committer, WriteJob, write_jobs
 
 __all__ = ["Dask", "Executor", "InProcess", "ThreadPool", "executor_for"]
+
+log = logging.getLogger("blockbuster")
 
 #: Write tasks go in batches of about this many per worker thread and round (on a cluster,
 #: each task costs the scheduler and this process a few milliseconds).
@@ -270,7 +273,14 @@ class _Spread:
         self.last = now
         workers = set(self.client.nthreads())
         if workers - self.workers:
-            self.client.replicate([self.future])
+            try:
+                self.client.replicate([self.future])
+            except Exception as exc:  # noqa: BLE001 -- copies only spread the tiles out
+                # A worker dying while the scheduler copies the context fails an internal
+                # assertion in distributed; tasks still get the context from where it is, and
+                # the next look copies it again.
+                log.debug("could not copy the run's context to every worker: %r", exc)
+                return
         self.workers = workers
 
 
