@@ -113,44 +113,17 @@ def pair_stats(va: np.ndarray, vb: np.ndarray, la: np.ndarray | None = None,
     """
     va = np.asarray(va).ravel().astype(np.int64)
     vb = np.asarray(vb).ravel().astype(np.int64)
+    stats = stacked_pair_stats(va[None], vb[None], threshold)[0]
+    if la is None or lb is None or stats[_OBJ] == 0:
+        return stats
+    # with a stitcher's matches, a label goes on where it is matched with one on the other plane
     in_a, in_b = _labels_of(va), _labels_of(vb)
-    objects = len(in_a) + len(in_b)
-    if objects == 0:
-        return np.zeros(3, np.int64)
-    if la is None or lb is None:
-        goes_on_a = in_sorted(in_a, in_b)
-        goes_on_b = in_sorted(in_b, in_a)
-    else:
-        la, lb = np.asarray(la, np.int64), np.asarray(lb, np.int64)
-        real = in_sorted(la, in_a) & in_sorted(lb, in_b)  # a match of two objects on the planes
-        goes_on_a = in_sorted(in_a, np.sort(la[real]))
-        goes_on_b = in_sorted(in_b, np.sort(lb[real]))
-    orphans = int((~goes_on_a).sum() + (~goes_on_b).sum())
-    ambiguous = _ambiguous(va, vb, threshold)
-    return np.array([objects, orphans, ambiguous], np.int64)
-
-
-def _ambiguous(va: np.ndarray, vb: np.ndarray, threshold: float) -> int:
-    """Objects (counted per plane) with a weak IoU partner across, or two partners."""
-    both = (va > 0) & (vb > 0)
-    if not both.any():
-        return 0
-    size_a = np.bincount(va)
-    size_b = np.bincount(vb)
-    keys, inter = np.unique(va[both] * len(size_b) + vb[both], return_counts=True)
-    a, b = np.divmod(keys, len(size_b))
-    iou = inter / (size_a[a] + size_b[b] - inter)
-    weak = (iou > AMBIGUOUS_IOU) & (iou <= threshold)
-    # a label covering a large part of two partners appears twice among the large overlaps
-    # (``a`` is sorted, as the keys are; ``b`` is sorted here)
-    big_a = a[inter >= AMBIGUOUS_IOU * size_a[a]]
-    big_b = np.sort(b[inter >= AMBIGUOUS_IOU * size_b[b]])
-    total = 0
-    for flagged, big in ((a[weak], big_a), (b[weak], big_b)):
-        twice = big[1:][big[1:] == big[:-1]]
-        if flagged.size or twice.size:
-            total += len(np.unique(np.concatenate([flagged, twice])))
-    return total
+    la, lb = np.asarray(la, np.int64), np.asarray(lb, np.int64)
+    real = in_sorted(la, in_a) & in_sorted(lb, in_b)  # a match of two objects on the planes
+    goes_on_a = in_sorted(in_a, np.sort(la[real]))
+    goes_on_b = in_sorted(in_b, np.sort(lb[real]))
+    stats[_ORPH] = int((~goes_on_a).sum() + (~goes_on_b).sum())
+    return stats
 
 
 def control_positions(n: int, tile_id: int, axis: int, planes: int = CONTROL_PLANES,
