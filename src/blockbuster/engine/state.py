@@ -138,9 +138,11 @@ class Entry:
         back: the engine matches later tiles with a tile's record right after writing it).
 
         Its core labels are left out (a tile's largest array; what needs them reads the entry
-        from its pack).
+        from its pack), and the other arrays are copied: a face is a view that would keep the
+        tile's whole labels alive.
         """
-        kept = {name: arr for name, arr in arrays.items() if name != "labels"}
+        kept = {name: np.array(arr, copy=True) for name, arr in arrays.items()
+                if name != "labels"}
         entry = cls({"kind": kind, "tile": tile, "meta": meta,
                      "arrays": {name: {} for name in kept}}, ref, 0, reader)
         entry._cache = kept
