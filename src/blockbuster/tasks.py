@@ -28,7 +28,7 @@ from .seams import control_stats
 from .stitching import Stitcher, TileBoundary, core_counts, sequential_local_labels
 from .tiling import Tile, TileGrid
 
-__all__ = ["OOM_BACKOFF_S", "OOM_RETRIES", "SegmentedTile", "TaskContext", "call_fn",
+__all__ = ["OOM_BACKOFF_S", "OOM_RETRIES", "Handoff", "SegmentedTile", "TaskContext", "call_fn",
            "free_gpu_memory", "image_core", "is_out_of_memory", "read_tile", "segment_tile",
            "summarize"]
 
@@ -113,7 +113,9 @@ def segment_tile(ctx: TaskContext, tile_id: int, keep_labels: bool = True) -> Se
     del data
     if error is not None:
         return SegmentedTile(tile_id, error=error)
-    seg = summarize(ctx, tile, result, intensities)
+    handoff = Handoff(result)
+    del result
+    seg = summarize(ctx, tile, handoff, intensities)
     if not keep_labels and seg.labels is not None:
         writer = worker_writer(ctx.work_path, ctx.attempt)
         seg.raw = writer.append("raw", tile_id, {}, {"labels": seg.labels})
@@ -359,12 +361,30 @@ def check_result(ctx: TaskContext, tile: Tile, result: Any) -> np.ndarray:
     return labels.reshape(tile.padded_shape)  # the time point's axis back (length 1)
 
 
+class Handoff:
+    """The only reference to a large value, given up by the one who takes it: a value passed
+    as an argument stays alive until the call returns, one taken from a handoff does not."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: Any):
+        self._value = value
+
+    def take(self) -> Any:
+        value, self._value = self._value, None
+        return value
+
+
 def summarize(ctx: TaskContext, tile: Tile, result: Any,
               image_core: np.ndarray | None = None) -> SegmentedTile:
     """Check fn's result, number its objects 1..n and build the tile's record.
 
+    ``result``: fn's result, or a :class:`Handoff` holding it, which summarize empties so that
+    the padded result is freed once numbered, before the record is built and stored.
     ``image_core``: the input's core (see :func:`image_core`) for intensity measurements.
     """
+    if isinstance(result, Handoff):
+        result = result.take()
     labels = check_result(ctx, tile, result)
     stitcher = ctx.stitcher
     if stitcher.numbers_padded:  # halo objects are kept for matching: number the padded tile

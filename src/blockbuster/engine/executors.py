@@ -30,6 +30,7 @@ from typing import Any
 from ..errors import TileError
 from ..progress import Progress
 from ..tasks import (
+    Handoff,
     SegmentedTile,
     TaskContext,
     call_fn,
@@ -96,7 +97,7 @@ class InProcess(Executor):
         def store(seg: SegmentedTile) -> None:
             _hand_over(committer, progress, seg)
 
-        def summarize_and_store(tile: Any, result: Any, intensities: Any) -> None:
+        def summarize_and_store(tile: Any, result: Handoff, intensities: Any) -> None:
             store(summarize(ctx, tile, result, intensities))
 
         with ThreadPoolExecutor(1, thread_name_prefix="blockbuster-read") as reader, \
@@ -127,7 +128,9 @@ class InProcess(Executor):
                     if skipped:
                         storing = writer.submit(store, SegmentedTile(tile_id, skipped=True))
                     else:
-                        storing = writer.submit(summarize_and_store, tile, result, intensities)
+                        # fn's result handed off: freed once numbered, not after it is stored
+                        storing = writer.submit(summarize_and_store, tile, Handoff(result),
+                                                intensities)
                     del result, intensities
                 if storing is not None:
                     storing.result()
