@@ -367,3 +367,31 @@ def test_pack_entries_round_trip_small_arrays_raw_and_older_entries(tmp_path):
     assert list(table) == [3] and list(tiles) == [9] and 2 not in tiles and len(tiles) == 1
     with pytest.raises(KeyError):
         table[7]
+
+
+def test_a_memory_budget_without_room_for_a_second_tile_runs_one_tile_at_a_time(
+        blobs2d, same_partition, tmp_path, monkeypatch):
+    """With a budget that one tile fills, the next tile is not read, nor the last one stored,
+    while fn runs; the labels are the same as pipelined."""
+    from blockbuster.engine.executors import InProcess
+    from blockbuster.plan import RunPlan
+
+    seen: list[bool] = []
+    original = InProcess.run
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.pipelined)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(InProcess, "run", spy)
+    image = (blobs2d > 0).astype(np.uint8)
+    label = lambda tile: ndimage.label(tile)[0]
+    fits = RunPlan.second_tile_fits
+    monkeypatch.setattr(RunPlan, "second_tile_fits", lambda self, memory: False)
+    tight = tile_process(image, label, (40, 40), 0, stitch="faces", memory="1GB")
+    monkeypatch.setattr(RunPlan, "second_tile_fits", fits)
+    roomy = tile_process(image, label, (40, 40), 0, stitch="faces", memory="1GB")
+    plain = tile_process(image, label, (40, 40), 0, stitch="faces")
+    assert seen == [False, True, True]
+    assert np.array_equal(tight[:], roomy[:]) and np.array_equal(tight[:], plain[:])
+    assert same_partition(tight[:], ndimage.label(image)[0])

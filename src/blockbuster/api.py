@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from .engine.executors import executor_for
+from .engine.executors import InProcess, executor_for
 from .engine.run import check_locations, execute, manifest_for, prepare_work
 from .engine.state import WorkDir
 from .errors import InputError, OutputExistsError
@@ -217,6 +217,8 @@ def tile_process(
                      memory=memory_bytes, mask=mask_source, skip_empty=skip_empty,
                      table=table_path is not None, measure=measure, retries=retries,
                      timeout=timeout, tile_chunks=previous)
+    if isinstance(executor, InProcess) and memory_bytes is not None:
+        executor.pipelined = plan.second_tile_fits(memory_bytes)
     manifest = manifest_for(plan, target)
     work = WorkDir(target.work_path)
     check_locations(target, work, [source.path, mask_source.path if mask_source else None])

@@ -120,6 +120,16 @@ class RunPlan:
                                   memory_model=self.segmenter.memory_model,
                                   image_shape=self.source.spatial_shape)
 
+    def second_tile_fits(self, memory: int) -> bool:
+        """Whether a budget of ``memory`` bytes holds a second tile (the next one read, or the
+        last one stored, while fn runs) besides the predicted peak of one tile."""
+        linked = self.grid.linked_axes
+        padded = math.prod(min(self.grid.tile_shape[a] + 2 * self.grid.depth[a],
+                               self.grid.shape[a]) for a in linked)
+        # its input, and its labels (uint32) being numbered and written
+        second = padded * (self.source.dtype.itemsize * self.source.n_channels + 4)
+        return self.predicted_peak_bytes() + second <= memory
+
     def describe(self) -> str:
         """The one line every run logs before its first tile."""
         from .sizing import format_bytes

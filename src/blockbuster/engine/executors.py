@@ -88,6 +88,11 @@ class InProcess(Executor):
 
     name = "this process"
 
+    def __init__(self, pipelined: bool = True):
+        #: read the next tile and store the last one while fn runs; off when a memory budget
+        #: has no room for a second tile: one tile at a time, fn's the only one in memory
+        self.pipelined = pipelined
+
     def run(self, ctx: TaskContext, todo: Sequence[int], committer: Committer,
             progress: Progress) -> None:
         committer.rewrite_jobs()
@@ -111,14 +116,19 @@ class InProcess(Executor):
                         tile, data = ahead.result()
                     except TileError as unreadable:  # its input cannot be read: it fails
                         error = unreadable
-                    if i + 1 < len(todo):
+                    if i + 1 < len(todo) and self.pipelined:
                         ahead = reader.submit(read_tile, ctx, todo[i + 1])
                     skipped = data is None and error is None
                     intensities, result = None, None
+                    if storing is not None and not self.pipelined:
+                        storing.result()
+                        storing = None
                     if data is not None:
                         intensities = image_core(ctx, tile, data)
                         result, error = call_fn(ctx, tile, data)
                     del data
+                    if i + 1 < len(todo) and not self.pipelined:
+                        ahead = reader.submit(read_tile, ctx, todo[i + 1])
                     if storing is not None:
                         storing.result()  # in order; re-raises what the store thread raised
                         storing = None
