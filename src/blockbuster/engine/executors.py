@@ -83,7 +83,8 @@ class InProcess(Executor):
     ``fn`` runs on the calling thread. Reading (decompression, file I/O) and storing
     (numbering, compression) mostly release the GIL, and so does a GPU or a well-behaved fn, so
     the engine's own work hides behind fn's. At most one tile is read ahead and one is being
-    stored: memory stays near one tile.
+    stored: memory stays near one tile. Under a memory budget that one tile fills
+    (``pipelined=False``, see :meth:`RunPlan.second_tile_fits`), tiles go one at a time.
     """
 
     name = "this process"
