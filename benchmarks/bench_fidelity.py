@@ -89,6 +89,22 @@ SWEEP_VARIANT = {"settings": [(128, 48, None), (176, 48, None)], "tile_norm": []
 
 MODELS = ("stardist2d", "stardist3d", "cellpose3", "cellpose3-consistent")
 
+#: ``--sweep overlap`` (StarDist): the overlap from one object diameter up to the network's
+#: receptive field, each at several tile sizes, with the plugin's preferred overlap ("default")
+#: at every tile size; report ``bench_fidelity_overlap``. The halo a tile can hold is clipped
+#: below the tile (and to the grid): rows carry the halo that was used.
+OVERLAP_SWEEP = {
+    "stardist2d": {
+        "settings": [(t, o, None) for o in (32, 48, 64, 96) for t in (128, 144, 176, 256)]
+        + [(t, "default", None) for t in (128, 144, 176, 256)],
+        "tile_norm": [], "own": [(128, 64), (176, 64)]},
+    "stardist3d": {
+        "settings": [(t, o, None) for o in ((8, 16, 16), (12, 24, 24), (16, 32, 32))
+                     for t in ((16, 32, 32), (20, 40, 40), (24, 48, 48))]
+        + [(t, "default", None) for t in ((16, 32, 32), (20, 40, 40), (24, 48, 48))],
+        "tile_norm": [], "own": [((20, 40, 40), (16, 32, 32))]},
+}
+
 
 # -- settings -----------------------------------------------------------------------------------
 def per_axis(value: int | Sequence[int], ndim: int) -> tuple[int, ...]:
@@ -127,6 +143,20 @@ def on_grid(tile: Sequence[int], overlap: Sequence[int], grid: Sequence[int]) ->
     """Whether every read region starts on the grid (halo clipped as blockbuster clips it)."""
     depth = [min(o, t - 1) for o, t in zip(overlap, tile, strict=True)]
     return all(t % g == 0 and d % g == 0 for t, d, g in zip(tile, depth, grid, strict=True))
+
+
+def halo(shape: Sequence[int], tile: Sequence[int], overlap: Sequence[int],
+         grid: Sequence[int]) -> tuple[int, ...]:
+    """The halo blockbuster uses for ``overlap``: clipped below the tile (and to the grid).
+
+    >>> halo((31, 61, 57), (16, 32, 32), (16, 32, 32), (4, 8, 8))
+    (12, 24, 24)
+    """
+    from blockbuster.tiling import clip_depth
+
+    chunks = tuple(tuple(min(t, s - k) for k in range(0, s, t))
+                   for s, t in zip(shape, tile, strict=True))
+    return clip_depth(tuple(overlap), chunks, tuple(grid))
 
 
 # -- the child: one model, every setting ----------------------------------------------------------
@@ -200,6 +230,7 @@ def child(params: dict[str, Any]) -> list[dict[str, Any]]:
         row = {"model": name, "method": method, "normalize": normalize, "stitch": stitch,
                "tile": _fmt(t), "overlap": _fmt(o) + (" (default)" if overlap == "default"
                                                       else ""),
+               "halo": _fmt(halo(image.shape, t, o, grid)),
                "align": align or "-", "on_grid": on_grid(t, o, grid)}
         key = (t, o, stitch, normalize)
         if key not in done:  # alignment can map two settings onto one: measure it once
@@ -479,7 +510,8 @@ def run_model(name: str, sweep: dict[str, Any], stitch: list[str], overlay: Path
 
 COLUMNS = [("model", "model"), ("method", "method"), ("normalize", "normalise"),
            ("stitch", "stitch"), ("tile", "tile"), ("overlap", "overlap"), ("align", "align"),
-           ("on_grid", "on grid"), ("f1", "F1"), ("fused", "fused"), ("split", "split"),
+           ("halo", "halo"), ("on_grid", "on grid"), ("f1", "F1"), ("fused", "fused"),
+           ("split", "split"),
            ("pct_one_to_one", "1:1 voxels %"), ("n_out", "objects"), ("seconds", "s"),
            ("error", "note")]
 
@@ -500,10 +532,17 @@ def main() -> None:
                             help="folder holding Cellpose 3, put first on PYTHONPATH")
         parser.add_argument("--from-rows", type=Path, default=None,
                             help=f"make the tables from the rows an earlier run saved ({ROWS})")
+        parser.add_argument("--sweep", choices=("standard", "overlap"), default="standard",
+                            help="overlap: the StarDist models over overlaps up to the "
+                            "receptive field at several tile sizes (bench_fidelity_overlap)")
 
     args = parse_args(__doc__.split("\n")[0], extra)
     stitch = [m.strip() for m in args.stitch.split(",") if m.strip()]
     names = [m.strip() for m in args.models.split(",") if m.strip()]
+    by_overlap = args.sweep == "overlap"
+    if by_overlap:
+        names = [n for n in names if n in OVERLAP_SWEEP]
+    rows_path = ROWS.with_name("bench_fidelity_overlap.rows.json") if by_overlap else ROWS
     rows: list[dict[str, Any]] = []
     models: dict[str, Any] = {}
     if args.from_rows:  # only the tables again, from the rows of an earlier run
@@ -519,12 +558,13 @@ def main() -> None:
         manifest = read_manifest(base)
         models[name] = {k: manifest[k] for k in ("train_seconds", "quality", "config")}
         models[name]["config"] = {**models[name]["config"], **extra}
-        sweep = (QUICK_3D if args.quick else SWEEP_3D) if name == "stardist3d" else \
+        sweep = OVERLAP_SWEEP[name] if by_overlap else \
+            (QUICK_3D if args.quick else SWEEP_3D) if name == "stardist3d" else \
             (QUICK_2D if args.quick else SWEEP_VARIANT if name in VARIANTS else SWEEP_2D)
         start = time.perf_counter()
         rows += run_model(name, sweep, stitch, args.cellpose3_overlay)
         print(f"{name}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-        ROWS.write_text(json.dumps({"rows": rows, "models": models}, default=str))
+        rows_path.write_text(json.dumps({"rows": rows, "models": models}, default=str))
     table_rows = [_cells(row) for row in rows if row.get("method") != "diagnosis"]
     declared = {r["model"]: r for r in rows if "grid" in r}
     quality = [{"model": n, "train_s": f"{m['train_seconds']:.0f}",
@@ -562,11 +602,23 @@ def main() -> None:
                   "the overlap holds one object diameter, the 90th percentile of the "
                   "whole-image objects' extents per axis):": format_table(side, side_columns),
                   **tables}
+    options = [*(["--sweep", "overlap"] if by_overlap else []),
+               *(["--stitch", args.stitch] if args.stitch != "iou" else [])]
+    if by_overlap:
+        worst, worst_columns = worst_by_halo(rows)
+        tables = {"Worst setting per halo, over the tile sizes that hold it (F1 / 1:1 voxels "
+                  "%; >= diam.: the halo holds one object diameter; >= field/2: half the "
+                  "network's receptive field):": format_table(worst, worst_columns),
+                  **{k: v for k, v in tables.items() if not k.startswith("Stitch modes")}}
+        report("bench_fidelity_overlap", "Seam fidelity against overlap (StarDist)", tables,
+               context_verdicts(rows) + verdicts(rows),
+               {"models": models, "rows": rows, "stitch": stitch},
+               command_line(__file__, args.quick, *options))
+        return
     report("bench_fidelity", "Seam fidelity with learned models", tables,
            target_verdicts(rows) + verdicts(rows),
            {"models": models, "rows": rows, "stitch": stitch},
-           command_line(__file__, args.quick, *(["--stitch", args.stitch]
-                                                if args.stitch != "iou" else [])))
+           command_line(__file__, args.quick, *options))
 
 
 DIAG_COLUMNS = [("variant", "Cellpose run as"), ("vs_released", "whole vs released whole"),
@@ -660,6 +712,69 @@ def target_verdicts(rows: list[dict[str, Any]], stitch: str = "whole") -> list[s
             out.append(verdict(f"{label}: worst F1", min(r["f1"] for r in sel), ">=",
                                f1_target, ".3f"))
             out.append(verdict(f"{label}: worst 1:1 voxels %",
+                               100 * min(r["voxels_one_to_one"] for r in sel), ">=",
+                               100 * voxel_target, ".2f"))
+    return out
+
+
+def _half_field(rows: list[dict[str, Any]], name: str) -> tuple[int, ...] | None:
+    """Half the receptive field the model declares (its reference row), or None."""
+    ref = next((r for r in rows if r["model"] == name and "receptive_field" in r), None)
+    field = _numbers(ref["receptive_field"]) if ref is not None else ()
+    return tuple(-(-f // 2) for f in field) or None
+
+
+def worst_by_halo(rows: list[dict[str, Any]]
+                  ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """One row per (model, stitch, halo used): the worst tile size at that halo."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("method") == "blockbuster" and "f1" in r and "halo" in r:
+            groups.setdefault((r["model"], r["stitch"], r["halo"]), []).append(r)
+    diameters = {r["model"]: _numbers(r["diameter"]) for r in rows if "diameter" in r}
+    out = []
+    for (name, stitch, used), sel in sorted(groups.items(),
+                                            key=lambda kv: (kv[0][:2], _numbers(kv[0][2]))):
+        field = _half_field(rows, name)
+        out.append({"model": name, "stitch": stitch, "halo": used,
+                    "tiles": ", ".join(dict.fromkeys(r["tile"] for r in sel)),
+                    "covers": "yes" if _covers(used, diameters.get(name, ())) else "no",
+                    "field": "-" if field is None else "yes" if _covers(used, field) else "no",
+                    "worst": f"{min(r['f1'] for r in sel):.3f} / "
+                             f"{100 * min(r['voxels_one_to_one'] for r in sel):.2f}"})
+    return out, [("model", "model"), ("stitch", "stitch"), ("halo", "halo"), ("tiles", "tiles"),
+                 ("covers", ">= diam."), ("field", ">= field/2"), ("worst", "worst")]
+
+
+def context_verdicts(rows: list[dict[str, Any]], stitch: str = "whole") -> list[str]:
+    """The issue's targets (:data:`TARGETS`) per model, over every tile size, at halos that
+    hold one object diameter and half the network's receptive field, and at the plugin's
+    preferred overlap wherever the tile holds it whole."""
+    out = []
+    for name in sorted({r["model"] for r in rows}):
+        ref = next((r for r in rows if r["model"] == name and "diameter" in r), None)
+        field = _half_field(rows, name)
+        if ref is None or field is None:
+            continue
+        diameter = _numbers(ref["diameter"])
+        f1_target, voxel_target = TARGETS[3 if name == "stardist3d" else 2]
+        mine = [r for r in rows if r["model"] == name and r.get("method") == "blockbuster"
+                and r.get("stitch") == stitch and "f1" in r and "halo" in r]
+        groups = [
+            (f"halo >= one object diameter {_fmt(diameter)} and >= half the receptive field "
+             f"{_fmt(field)}",
+             [r for r in mine if _covers(r["halo"], diameter) and _covers(r["halo"], field)]),
+            ("the preferred overlap, where the tile holds it",
+             [r for r in mine if "(default)" in r["overlap"]
+              and _numbers(r["halo"]) == _numbers(r["overlap"])])]
+        for label, sel in groups:
+            if not sel:
+                out.append(f"{name} stitch={stitch}, {label}: no setting")
+                continue
+            head = f"{name} stitch={stitch}, {label} ({len(sel)} settings)"
+            out.append(verdict(f"{head}: worst F1", min(r["f1"] for r in sel), ">=", f1_target,
+                               ".3f"))
+            out.append(verdict(f"{head}: worst 1:1 voxels %",
                                100 * min(r["voxels_one_to_one"] for r in sel), ">=",
                                100 * voxel_target, ".2f"))
     return out
