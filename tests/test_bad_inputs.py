@@ -177,7 +177,7 @@ def run(image: Any, fn: Any = label, tile_shape: Any = TILE, **kwargs: Any) -> C
     return call
 
 
-_LAZY = {"mask", "output", "work_dir", "table"}
+_LAZY = {"mask", "output", "work_dir", "table", "seam_table"}
 
 
 def _is_factory(fn: Any) -> bool:
@@ -486,6 +486,16 @@ CASES: list[Bad] = [
     Bad("table-exists", run(zarr_in, table=lambda i: i.file("t.csv", b"keep")),
         OutputExistsError, ("t.csv", "overwrite=True")),
     Bad("table-int", run(zarr_in, table=5), InputError, ("table=5",)),
+    # 12. every output location checked before the first tile: the seam table too
+    Bad("seam-table-folder-missing", run(zarr_in, seam_table=lambda i: i.dir / "no" / "s.tsv"),
+        InputError, ("the seam table", "s.tsv", "does not exist")),
+    Bad("seam-table-exists", run(zarr_in, seam_table=lambda i: i.file("s.tsv", b"keep")),
+        OutputExistsError, ("the seam table", "s.tsv", "seam_table=")),
+    Bad("seam-table-is-the-input", run(lambda i: i.tiff(), seam_table=lambda i: i.dir /
+                                       "img.tif", overwrite=True),
+        InputError, ("the seam table", "img.tif", "the input")),
+    Bad("table-inside-the-input", run(zarr_in, table=lambda i: i.dir / "img.zarr" / "t.csv"),
+        InputError, ("the object table", "t.csv", "the input")),
 
     # work directories
     Bad("work-dir-is-a-file", run(zarr_in, work_dir=lambda i: i.file("work")),

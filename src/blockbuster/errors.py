@@ -49,6 +49,7 @@ OPTION_WORDS: dict[str, tuple[str, str]] = {
     "output": ("output=", "OUTPUT "),
     "stitch": ("stitch=", "--stitch "),
     "table": ("table=", "--table "),
+    "seam_table": ("seam_table=", "--seam-table "),
     "mask": ("mask=", "--mask "),
     "label_name": ("label_name=", "--label-name "),
     "client": ("client=", "--workers/--cluster "),

@@ -429,13 +429,18 @@ def exit_code_for(exc: BaseException, *, during_run: bool = False) -> int:
     1
     >>> exit_code_for(OutputExistsError("exists"), during_run=True), exit_code_for(KeyError("x"))
     (2, 1)
+    >>> from blockbuster.errors import IncompleteOutputError
+    >>> exit_code_for(IncompleteOutputError("deleted during the run"), during_run=True)
+    1
     """
-    from ..errors import BlockbusterError
+    from ..errors import BlockbusterError, IncompleteOutputError
 
     if isinstance(exc, KeyboardInterrupt):
         return EXIT_INTERRUPTED
     if isinstance(exc, _failed_run_errors()):
         return EXIT_FAILED  # the input was fine; the run did not finish
+    if during_run and isinstance(exc, IncompleteOutputError):
+        return EXIT_FAILED  # the run's own output failed its check (deleted during the run)
     if isinstance(exc, BlockbusterError):
         return EXIT_USAGE  # the library's own checks: arguments, paths, existing outputs
     if isinstance(exc, OSError):
