@@ -277,6 +277,7 @@ def test_a_damaged_tile_record_is_a_tile_to_redo(tmp_path, blobs2d, caplog, at):
 
 
 def test_a_damaged_manifest_is_named_and_not_offered_for_resume(tmp_path, blobs2d):
+    from blockbuster.cli.info import describe_output
     from blockbuster.errors import WorkDirError
     from blockbuster.status import output_status
 
@@ -291,6 +292,8 @@ def test_a_damaged_manifest_is_named_and_not_offered_for_resume(tmp_path, blobs2
     assert "overwrite" in str(exc.value)
     (work_status,) = output_status(out).work
     assert not work_status.resumable and "cannot be read" in (work_status.problem or "")
+    shown = "\n".join(describe_output(output_status(out)))  # what `blockbuster info` prints
+    assert "--resume" not in shown and "--overwrite" in shown, shown
     labels = tile_process(image, _flaky(flag), (50, 50), stitch="faces", output=out,
                           overwrite=True)
     assert same_partition(labels[:], ndimage.label(image > 0)[0])

@@ -115,7 +115,7 @@ def describe_output(status: OutputStatus) -> list[str]:
     if not status.written_by_blockbuster:
         lines = [f"labels:     {status.path} (not written yet)",
                  "status:     INCOMPLETE: a run writing these labels started but has not "
-                 "finished (or died); finish it by rerunning the same command with --resume"]
+                 f"finished (or died); {_how_to_finish(status)}"]
     else:
         lines = [f"labels:     {status.path} ({status.kind}, written by blockbuster)",
                  f"shape:      {tuple(status.shape or ())}  dtype {status.dtype}  chunks "
@@ -126,8 +126,7 @@ def describe_output(status: OutputStatus) -> list[str]:
                          else "status:     complete")
         else:
             lines.append("status:     INCOMPLETE: the run writing these labels has not "
-                         "finished (or died); finish it by rerunning the same command with "
-                         "--resume")
+                         f"finished (or died); {_how_to_finish(status)}")
         lines += _run_lines(status)
     for work in status.work:
         lines.append(_work_line(work))
@@ -137,6 +136,14 @@ def describe_output(status: OutputStatus) -> list[str]:
     if status.running:
         lines.append(f"running:    a run is writing this output now ({status.running})")
     return lines
+
+
+def _how_to_finish(status: OutputStatus) -> str:
+    """--resume, unless no unfinished run's state can be resumed (a damaged manifest)."""
+    if status.work and not any(w.resumable for w in status.work):
+        return ("its work directory cannot be resumed (see below): start again by rerunning the "
+                "same command with --overwrite")
+    return "finish it by rerunning the same command with --resume"
 
 
 def _run_lines(status: OutputStatus) -> list[str]:
