@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -14,6 +15,8 @@ from blockbuster.cli import main
 from blockbuster.data import write_synthetic_nuclei
 from blockbuster.postprocess import expand_labels, fill_holes, filter_by_size
 from blockbuster.table import read_object_table
+
+from helpers import prepared
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +108,65 @@ def test_the_command_runs_in_a_subprocess(image, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "table:" in proc.stdout
     assert "volume_um3" in read_object_table(tmp_path / "m.parquet")
+
+
+def test_cells_with_measurements_from_the_command_line(tmp_path, capsys):
+    """``segment --method cells --table --measure`` on a two-channel OME-Zarr image: the labels
+    of ``tile_process`` with the same segmenter, id for id, and the table of ``measure``."""
+    from ome_zarr.writer import write_image
+
+    from blockbuster import open_labels, tile_process
+    from blockbuster.data import synthetic_cells
+    from blockbuster.plugins.cells import CellsSegmenter
+
+    image, _, _ = synthetic_cells((128, 112), nucleus_diameter=10, seed=4)
+    path = tmp_path / "tissue.ome.zarr"
+    write_image(image, zarr.open_group(str(path), mode="w"), axes="cyx", scaler=None,
+                storage_options={"chunks": (2, 64, 56)})
+    out = tmp_path / "cells.zarr"
+    assert main(["segment", str(path), str(out), "--method", "cells", "--diameter", "20",
+                 "--tile-shape", "64,56", "--table", "--measure", "-q"]) == 0
+    labels = open_labels(out)[:]
+    api = tile_process(path, CellsSegmenter(diameter=20), (64, 56), output=tmp_path / "api.zarr",
+                       progress=False)[:]
+    np.testing.assert_array_equal(labels, api)
+    whole = prepared(CellsSegmenter(diameter=20), image, channel_axis=0)(image)
+    assert labels.max() == whole.max()  # no cell split or lost at a tile border
+    table = read_object_table(next(tmp_path.glob("cells.zarr.objects.*")))
+    expected = measure(labels, image, channel_axis=0, progress=False)
+    for column in ("label", "voxels", "centroid_y", "mean_intensity_ch1", "std_intensity_ch0"):
+        # (the run's CSV table gives centroids to 3 decimals)
+        np.testing.assert_allclose(table[column], expected[column], rtol=1e-9, atol=5e-4,
+                                   err_msg=column)
+
+
+def test_a_lower_pyramid_level_from_the_command_line(tmp_path):
+    """``--level 1``: a diameter in µm counts that level's voxels, and the labels are those of
+    ``tile_process(..., level=1)``, at that level's shape."""
+    from ome_zarr.format import FormatV04
+    from ome_zarr.writer import write_image
+
+    from blockbuster import open_labels, tile_process
+    from blockbuster.data import synthetic_nuclei
+    from blockbuster.plugins.watershed import WatershedSegmenter
+
+    path = tmp_path / "img.ome.zarr"  # voxels of 0.5 µm, level 1 of 1 µm
+    write_image(synthetic_nuclei((256, 256), seed=2)[0],
+                zarr.open_group(str(path), mode="w", zarr_format=2), axes="yx",
+                scale_factors=[2], fmt=FormatV04(), scale={"y": 0.5, "x": 0.5},
+                axes_units={"y": "micrometer", "x": "micrometer"})
+    for level, pixels in ((0, 12.0), (1, 6.0)):  # 6 µm: 12 voxels of 0.5 µm, 6 of 1 µm
+        proc = subprocess.run([sys.executable, "-m", "blockbuster", "segment", str(path),
+                               "--level", str(level), "--diameter", "6um", "--tile-shape",
+                               "64,64", "--dry-run", "--json"],
+                              capture_output=True, text=True, timeout=300, check=False)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["segmenter"]["diameter"] == pixels
+    out = tmp_path / "low.zarr"
+    assert main(["segment", str(path), str(out), "--level", "1", "--diameter", "6",
+                 "--tile-shape", "64,64", "-q"]) == 0
+    api = tile_process(path, WatershedSegmenter(diameter=6), (64, 64), level=1,
+                       output=tmp_path / "api.zarr", progress=False)
+    labels = open_labels(out)
+    assert labels.shape == api.shape == (128, 128)  # level 1 of 256 x 256
+    np.testing.assert_array_equal(labels[:], api[:])

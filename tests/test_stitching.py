@@ -278,3 +278,42 @@ def test_object_table_describes_the_labels_written(tmp_path):
     centroids = np.array(ndimage.center_of_mass(labels > 0, labels, ids))
     np.testing.assert_allclose(np.stack([table["centroid_y"], table["centroid_x"]], 1),
                                centroids, atol=1e-3)
+
+
+# -- stitch_tiles: labels made tile by tile elsewhere ---------------------------------------------
+def _labelled_per_tile(mask: np.ndarray, tile_shape: tuple[int, ...],
+                       structure: np.ndarray) -> tuple[np.ndarray, int]:
+    """Each tile labelled on its own, 1..n (ids repeat from tile to tile), and the sum of n."""
+    labels, total = np.zeros(mask.shape, np.int32), 0
+    for corner in np.ndindex(*(-(-s // t) for s, t in zip(mask.shape, tile_shape, strict=True))):
+        box = tuple(slice(c * t, (c + 1) * t) for c, t in zip(corner, tile_shape, strict=True))
+        labels[box], n = ndimage.label(mask[box], structure)
+        total += n
+    return labels, total
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tiled_masks(2), st.booleans())
+def test_stitch_tiles_equals_whole_image_components(case, as_zarr):
+    """A zarr array (or dask array) whose chunks are tiles labelled apart: stitch_tiles gives
+    the whole image's connected components, numbered 1..N."""
+    import dask.array as da
+    import zarr
+
+    from blockbuster import stitch_tiles
+
+    mask, tile_shape, _, connectivity = case
+    structure = ndimage.generate_binary_structure(mask.ndim, connectivity)
+    tiles, n_pieces = _labelled_per_tile(mask, tile_shape, structure)
+    if as_zarr:
+        labels = zarr.create_array(zarr.storage.MemoryStore(), shape=tiles.shape,
+                                   chunks=tile_shape, dtype=tiles.dtype)
+        labels[:] = tiles
+    else:
+        labels = da.from_array(tiles, chunks=tile_shape)
+    out = stitch_tiles(labels, connectivity=connectivity, progress=False)[:]
+    assert same_partition(out, ndimage.label(mask, structure)[0]), (tile_shape, connectivity)
+    assert np.array_equal(np.unique(out[out > 0]), np.arange(1, out.max() + 1))  # 1..N
+    apart = stitch_tiles(da.from_array(tiles, chunks=tile_shape), stitch="none",
+                         progress=False)[:]
+    assert apart.max() == n_pieces and np.array_equal(apart > 0, mask)  # every piece its own
