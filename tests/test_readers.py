@@ -610,6 +610,30 @@ def test_label_image_gets_the_source_axes_units_and_calibration(tmp_path):
     assert meta["datasets"][0]["coordinateTransformations"][1]["translation"] == [0, 5, 7]
 
 
+
+def test_a_plain_zarr_output_keeps_the_inputs_calibration(tmp_path):
+    """The default output of a TIFF is a plain zarr array (no NGFF metadata): it records the
+    label axes with their calibration, and measuring the labels alone is in micrometres."""
+    from blockbuster import measure
+
+    data = nuclei((4, 40, 48), 91)
+    path = tmp_path / "img.ome.tif"
+    tifffile.imwrite(path, data, ome=True, metadata={
+        "axes": "ZYX", "PhysicalSizeX": 0.3, "PhysicalSizeY": 0.3, "PhysicalSizeZ": 1.2})
+    out = tile_process(path, label, (4, 24, 24), 2, stitch="faces", progress=False)
+    assert out.store.root == tmp_path / "img.labels.zarr"  # the default output: plain zarr
+    meta = out.attrs["blockbuster"]
+    assert [(a["name"], a["unit"], a["scale"]) for a in meta["axes"]] == [
+        ("z", "micrometer", 1.2), ("y", "micrometer", 0.3), ("x", "micrometer", 0.3)]
+    assert meta["spacing_um"] == pytest.approx([1.2, 0.3, 0.3])
+    table = measure(tmp_path / "img.labels.zarr", progress=False)
+    np.testing.assert_allclose(table["volume_um3"], table["voxels"] * 1.2 * 0.3 * 0.3)
+    plain = tile_process(data, label, (4, 24, 24), 2, stitch="faces", progress=False,
+                         output=tmp_path / "uncalibrated.zarr")
+    assert "spacing_um" not in plain.attrs["blockbuster"]  # unknown: not written as 1.0
+    assert not any(k.endswith("_um") for k in measure(tmp_path / "uncalibrated.zarr",
+                                                      progress=False))
+
 # -- memory: an h5py dataset is streamed, never read whole ------------------------------------
 STREAM_HDF5 = """
 import json, sys

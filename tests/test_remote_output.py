@@ -101,3 +101,23 @@ def test_a_foreign_array_at_the_url_is_never_replaced(s3, tmp_path, monkeypatch)
                          overwrite=overwrite, progress=False)
     kept = zarr.open_array(store=zarr.storage.FsspecStore.from_url("s3://labs/c.zarr"))
     assert kept[:].tolist() == [[7] * 4] * 4
+
+
+def test_an_ome_zarr_image_on_s3_is_segmented_with_its_calibration(s3, tmp_path):
+    """Input from s3://: the same labels as the local copy, the voxel size kept."""
+    mask = comb_mask()
+    local = tmp_path / "img.ome.zarr"
+    group = zarr.open_group(str(local), mode="w", zarr_format=2)
+    group.create_array("0", data=mask.astype(np.uint8), chunks=(40, 40))
+    group.attrs["multiscales"] = [{"version": "0.4", "name": "img", "axes": [
+        {"name": a, "type": "space", "unit": "micrometer"} for a in "yx"],
+        "datasets": [{"path": "0", "coordinateTransformations": [
+            {"type": "scale", "scale": [0.5, 0.25]}]}]}]
+    s3.put(str(local), "labs/img.ome.zarr", recursive=True)
+    out = tile_process("s3://labs/img.ome.zarr", label, (30, 30), stitch="faces",
+                       output=tmp_path / "labels.ome.zarr", progress=False)
+    assert np.array_equal(out[:], tile_process(mask, label, (30, 30), stitch="faces",
+                                               progress=False)[:])
+    meta = zarr.open_group(str(tmp_path / "labels.ome.zarr"), mode="r").attrs
+    level0 = meta["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"]
+    assert level0[0]["scale"] == [0.5, 0.25]

@@ -65,9 +65,12 @@ def tile_process(
 
     Parameters
     ----------
-    image : path, numpy.ndarray, dask.array.Array or zarr.Array
-        A zarr array (v2 or v3), an OME-Zarr image (full resolution is used), a TIFF/OME-TIFF
-        (streamed, never read whole), or an array in memory (never modified).
+    image : path, URL, ImageSource, numpy.ndarray, dask.array.Array, zarr.Array or h5py.Dataset
+        Any format a reader opens (zarr, OME-Zarr, a bioformats2raw root, TIFF/OME-TIFF/ImageJ,
+        HDF5/Imaris/BigDataViewer, N5, CZI through bioio; ``file://``, ``http(s)://``,
+        ``s3://`` URLs), streamed and never read whole; an :func:`blockbuster.open_image`
+        result to choose ``series=``, ``dataset=`` or ``channels=`` there; or an array (never
+        modified). Time points are segmented each on their own, singleton axes are dropped.
     fn : callable, Segmenter or str
         ``fn(tile) -> labels``: takes one NumPy tile with its halo (axes in the input's order;
         the tile is its own, ``fn`` may change it) and returns integer labels of the tile's

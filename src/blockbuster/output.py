@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -747,15 +747,27 @@ def missing_chunks(arr: zarr.Array, indices: list[tuple[int, ...]], *,
 
 def mark_complete(out: zarr.Array, manifest: dict[str, Any], n_labels: int, *,
                   table: str | None = None, statistics: dict[str, Any] | None = None,
-                  report: dict[str, Any] | None = None) -> None:
+                  report: dict[str, Any] | None = None,
+                  axes: Sequence[Any] | None = None,
+                  spacing_um: Sequence[float | None] | None = None) -> None:
     """Mark a finished output: written last, so its presence means everything is there.
 
     ``statistics``: the global values the segmenter computed from the whole image (threshold,
     percentiles), so that a run can be compared and reproduced. ``report``: the run's report
-    (:mod:`blockbuster.report`).
+    (:mod:`blockbuster.report`). ``axes``: the label axes with their calibration (name, type,
+    unit, scale, translation), kept in plain zarr outputs too, which have no NGFF metadata.
+    ``spacing_um``: the voxel size in µm of the spatial axes, stored only when all are known
+    (the analyses read it: :func:`blockbuster.measure` on the labels alone is calibrated).
     """
     meta: dict[str, Any] = {"complete": True, "params": manifest["params"],
                             "n_labels": int(n_labels), "format": FORMAT_VERSION}
+    if axes:
+        meta["axes"] = [{"name": a.name, "type": a.type, "unit": a.unit,
+                         "scale": float(a.scale), "translation": float(a.translation)}
+                        for a in axes]
+    known = [float(s) for s in spacing_um or () if s is not None]
+    if spacing_um and len(known) == len(spacing_um):
+        meta["spacing_um"] = known
     if table is not None:
         meta["table"] = table
     if statistics:

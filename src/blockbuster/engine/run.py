@@ -216,7 +216,8 @@ def execute(plan: RunPlan, target: OutputTarget, work: WorkDir, manifest: dict[s
         recorder.table = str(table_path) if table_path is not None else None
         mark_complete(output, manifest, result.n_labels,
                       table=str(table_path) if table_path is not None else None,
-                      statistics=statistics, report=recorder.report().as_dict())
+                      statistics=statistics, report=recorder.report().as_dict(),
+                      axes=plan.source.label_axes, spacing_um=_spatial_spacing(plan.source))
     except BaseException as exc:  # Ctrl-C too: the CLI's --json prints the report so far
         _attach_report(exc, recorder)
         nothing_done = not state.seg
@@ -381,6 +382,14 @@ def _table_columns(plan: RunPlan, reducer: Any) -> dict[str, np.ndarray]:
     spacing = source.spacing_um
     return reducer.columns(spacing=spacing if any(v is not None for v in spacing) else None,
                            names=names, channel_names=channel_names)
+
+
+def _spatial_spacing(source: Any) -> tuple[float | None, ...] | None:
+    """The voxel size in µm of the labels' spatial axes; None for a time series, whose labels
+    are not a spatial image."""
+    if source.time_positions:
+        return None
+    return source.spacing_um
 
 
 def _fix_tile(committer: Committer, writer: PackWriter, tile_id: int, old: np.ndarray,
