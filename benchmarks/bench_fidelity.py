@@ -530,8 +530,9 @@ def main() -> None:
                             help="comma-separated stitch modes to sweep (default: iou)")
         parser.add_argument("--cellpose3-overlay", type=Path, default=DEFAULT_OVERLAY,
                             help="folder holding Cellpose 3, put first on PYTHONPATH")
-        parser.add_argument("--from-rows", type=Path, default=None,
-                            help=f"make the tables from the rows an earlier run saved ({ROWS})")
+        parser.add_argument("--from-rows", type=Path, nargs="+", default=None,
+                            help="make the tables from the rows earlier runs saved (" f"{ROWS}"
+                            "; several files: their rows together, e.g. one per model)")
         parser.add_argument("--sweep", choices=("standard", "overlap"), default="standard",
                             help="overlap: the StarDist models over overlaps up to the "
                             "receptive field at several tile sizes (bench_fidelity_overlap)")
@@ -546,8 +547,10 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     models: dict[str, Any] = {}
     if args.from_rows:  # only the tables again, from the rows of an earlier run
-        saved = json.loads(args.from_rows.read_text())
-        rows, models = saved["rows"], saved["models"]
+        for path in args.from_rows:
+            saved = json.loads(path.read_text())
+            rows += saved["rows"]
+            models.update(saved["models"])
         names = []
     for name in names:
         base, extra = VARIANTS.get(name, (name, {}))

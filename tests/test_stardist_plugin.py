@@ -155,6 +155,23 @@ def test_preferred_overlap_is_a_multiple_of_the_grid(tmp_path: Path) -> None:
     assert seg.preferred_overlap == (16, 32, 32)
 
 
+def test_a_model_folder_prefers_half_its_receptive_field_as_overlap(tmp_path: Path) -> None:
+    from blockbuster.plugins.stardist import stardist_fn
+
+    # 2D_versatile_fluo's architecture as a model folder: a 106 px field, so 53 -> 64 on its
+    # 16 px grid; the pretrained name keeps the guide's 32 (its config is not known before
+    # the download, and a run must plan the same before and after it).
+    folder = tmp_path / "fluo_like"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "n_dim": 2, "axes": "YXC", "n_channel_in": 1, "grid": [2, 2], "backbone": "unet",
+        "unet_n_depth": 3, "unet_pool": [2, 2]}))
+    seg = stardist_fn(folder)
+    assert seg.receptive_field == (106, 106) and seg.grid == (16, 16)
+    assert seg.preferred_overlap == 64
+    assert stardist_fn("2D_versatile_fluo").preferred_overlap == 32
+
+
 def test_receptive_field_matches_stardists_own_measurement(make) -> None:
     """The receptive field read from config.json bounds what StarDist measures on the network
     (the response to a single bright pixel), and not by much."""
