@@ -234,7 +234,7 @@ def tile_process(
             _check_table_path(table_path, overwrite=overwrite or resume, inputs=inputs)
         if seam_path is not None:
             _check_table_path(seam_path, overwrite=overwrite or resume, inputs=inputs,
-                              what="the seam table")
+                              what="the seam table", option="seam_table")
         done = prepare_work(target, work, manifest, overwrite=overwrite, resume=resume)
         if done is not None:
             return done
@@ -411,27 +411,26 @@ def _seam_table_path(seam_table: Any, target: OutputTarget) -> Path | None:
 
 
 def _check_table_path(path: Path, *, overwrite: bool, inputs: Sequence[Path | None] = (),
-                      what: str = "the object table") -> None:
-    """A table (``what``) must be writable, never be or lie inside an input, and never replace
-    a file we did not make: checked before any tile."""
+                      what: str = "the object table", option: str = "table") -> None:
+    """A table (``what``, given as ``option``) must be writable, never be or lie inside an
+    input, and never replace a file we did not make: checked before any tile."""
     import os
 
     folder = path.parent if str(path.parent) else Path(".")
-    option = "$table" if what == "the object table" else "$seam_table"
     for given in inputs:
         if given is not None and (path.resolve() == Path(given).resolve()
                                   or path.resolve().is_relative_to(Path(given).resolve())):
             raise InputError(f"cannot write {what} {path}: it is, or lies inside, the input "
                              f"{given}; blockbuster never writes into or over what it reads; "
-                             f"give another {option}")
+                             f"give another ${option}")
     if not folder.is_dir():
         raise InputError(f"cannot write {what} {path}: the folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
         raise InputError(f"cannot write {what} {path}: the folder {folder} is not writable")
     if path.exists() and not overwrite:
         raise OutputExistsError(f"{what} {path} already exists; pass $overwrite to replace it, "
-                                f"or another {option}")
-    if path.suffix == ".parquet" and what == "the object table":
+                                f"or another ${option}")
+    if path.suffix == ".parquet" and option == "table":
         import importlib.util
 
         from .errors import PluginNotInstalledError

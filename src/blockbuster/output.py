@@ -762,9 +762,7 @@ def mark_complete(out: zarr.Array, manifest: dict[str, Any], n_labels: int, *,
     meta: dict[str, Any] = {"complete": True, "params": manifest["params"],
                             "n_labels": int(n_labels), "format": FORMAT_VERSION}
     if axes:
-        meta["axes"] = [{"name": a.name, "type": a.type, "unit": a.unit,
-                         "scale": float(a.scale), "translation": float(a.translation)}
-                        for a in axes]
+        meta["axes"] = [a.as_dict() for a in axes]
     known = [float(s) for s in spacing_um or () if s is not None]
     if spacing_um and len(known) == len(spacing_um):
         meta["spacing_um"] = known

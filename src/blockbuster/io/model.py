@@ -148,6 +148,11 @@ class Axis:
     def is_spatial(self) -> bool:
         return self.type == "space"
 
+    def as_dict(self) -> dict[str, Any]:
+        """Name, type, unit, scale and translation, for JSON (``info --json``, output attrs)."""
+        return {"name": self.name, "type": self.type, "unit": self.unit, "scale": self.scale,
+                "translation": self.translation}
+
     def to_ngff(self) -> dict[str, Any]:
         """The NGFF ``axes`` entry (name, type and, when known, unit)."""
         out: dict[str, Any] = {"name": self.name, "type": self.type}
