@@ -706,18 +706,24 @@ def target_verdicts(rows: list[dict[str, Any]], stitch: str = "whole") -> list[s
         if ref is None:
             continue
         diameter = _numbers(ref["diameter"])
-        f1_target, voxel_target = TARGETS[3 if name == "stardist3d" else 2]
         sel = [r for r in rows if r["model"] == name and r.get("method") == "blockbuster"
                and r.get("normalize") == "global" and r.get("stitch") == stitch and "f1" in r
                and _covers(r["overlap"], diameter)]
         if sel:
-            label = f"{name} stitch={stitch}, overlap >= one object diameter {_fmt(diameter)}"
-            out.append(verdict(f"{label}: worst F1", min(r["f1"] for r in sel), ">=",
-                               f1_target, ".3f"))
-            out.append(verdict(f"{label}: worst 1:1 voxels %",
-                               100 * min(r["voxels_one_to_one"] for r in sel), ">=",
-                               100 * voxel_target, ".2f"))
+            out += _worst_against(
+                f"{name} stitch={stitch}, overlap >= one object diameter {_fmt(diameter)}",
+                sel, name)
     return out
+
+
+def _worst_against(label: str, sel: list[dict[str, Any]], name: str) -> list[str]:
+    """MET/MISSED of the worst F1 and 1:1 voxels of ``sel`` against the model's
+    :data:`TARGETS`."""
+    f1_target, voxel_target = TARGETS[3 if name == "stardist3d" else 2]
+    return [verdict(f"{label}: worst F1", min(r["f1"] for r in sel), ">=", f1_target, ".3f"),
+            verdict(f"{label}: worst 1:1 voxels %",
+                    100 * min(r["voxels_one_to_one"] for r in sel), ">=", 100 * voxel_target,
+                    ".2f")]
 
 
 def _half_field(rows: list[dict[str, Any]], name: str) -> tuple[int, ...] | None:
@@ -760,7 +766,6 @@ def context_verdicts(rows: list[dict[str, Any]], stitch: str = "whole") -> list[
         if ref is None or field is None:
             continue
         diameter = _numbers(ref["diameter"])
-        f1_target, voxel_target = TARGETS[3 if name == "stardist3d" else 2]
         mine = [r for r in rows if r["model"] == name and r.get("method") == "blockbuster"
                 and r.get("stitch") == stitch and "f1" in r and "halo" in r]
         groups = [
@@ -774,12 +779,8 @@ def context_verdicts(rows: list[dict[str, Any]], stitch: str = "whole") -> list[
             if not sel:
                 out.append(f"{name} stitch={stitch}, {label}: no setting")
                 continue
-            head = f"{name} stitch={stitch}, {label} ({len(sel)} settings)"
-            out.append(verdict(f"{head}: worst F1", min(r["f1"] for r in sel), ">=", f1_target,
-                               ".3f"))
-            out.append(verdict(f"{head}: worst 1:1 voxels %",
-                               100 * min(r["voxels_one_to_one"] for r in sel), ">=",
-                               100 * voxel_target, ".2f"))
+            out += _worst_against(f"{name} stitch={stitch}, {label} ({len(sel)} settings)",
+                                  sel, name)
     return out
 
 
