@@ -126,7 +126,7 @@ def main() -> None:
         _wrap(commit.Committer, "_assign", before=lambda *a, **k: tick())
         _wrap(commit.Committer, "_assign_whole", before=lambda *a, **k: tick())
     elif point == "fix":  # at the start of rewriting a tile joined late
-        _wrap(run, "_fix_tile", before=lambda *a, **k: tick())
+        _wrap(run, "_fix_tiles", before=lambda *a, **k: tick())
     elif point == "fix-written":  # a tile rewritten, its "fix" entry not yet appended
         original_append = state.PackWriter.append
 

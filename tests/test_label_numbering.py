@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from blockbuster.stitching import labels as labels_module
 from blockbuster.stitching.labels import (
     apply_changes,
     apply_changes_numpy,
@@ -64,10 +67,23 @@ def test_changes_match_the_numpy_reference(data: st.DataObject, dtype: type) -> 
     old = np.array(sorted(data.draw(st.sets(st.integers(1, 35), max_size=10))), np.int64)
     new = np.array(data.draw(st.lists(st.integers(1, 30), min_size=len(old),
                                       max_size=len(old))), np.int64)
-    fast = apply_changes(labels, old, new)
+    with mock.patch.object(labels_module, "FASTREMAP_MIN_VOXELS", 0):  # fastremap at any size
+        fast = apply_changes(labels, old, new)
     ref = apply_changes_numpy(labels, old, new)
     assert fast.dtype == labels.dtype
     np.testing.assert_array_equal(fast, ref)
+
+
+def test_changes_of_a_large_tile_go_through_fastremap_and_match_the_reference() -> None:
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 400, (128, 96)).astype(np.uint32)
+    old = np.arange(1, 100_000, 7, dtype=np.int64)  # far more changes than labels present
+    new = old // 3 + 1
+    assert labels.size >= labels_module.FASTREMAP_MIN_VOXELS
+    with mock.patch.object(labels_module, "apply_changes_numpy",
+                           side_effect=AssertionError("the NumPy path was taken")):
+        fast = apply_changes(labels, old, new)
+    np.testing.assert_array_equal(fast, apply_changes_numpy(labels, old, new))
 
 
 def test_changes_leave_the_input_alone_and_keep_views() -> None:

@@ -358,12 +358,18 @@ def _end_pass(plan: RunPlan, committer: Committer, writer: PackWriter,
     log.info("%d objects; %d tile(s) hold labels joined or moved after they were written",
              committer.book.n_labels, len(todo))
     threads = IO_THREADS if math.prod(grid.tile_shape) <= IO_THREADS_MAX_TILE_VOXELS else 1
-    if committer.output.array.shards is not None:
-        threads = 1  # two tiles of one shard rewritten at once would lose one of the writes
+    groups = [[t] for t in todo]
+    if committer.shards is not None:
+        # a shard's tiles are rewritten together: one read and one write of the shard (not one
+        # per tile), and never two threads on one shard (one would lose the other's write)
+        shard = committer.shards.shard_ids(np.asarray(todo, np.int64))
+        groups = _split_sorted(todo, shard)
+    elif committer.output.array.shards is not None:
+        threads = 1  # sharded but not in our layout: two tiles of one shard would race
     with make_progress(len(todo), "merging", progress) as bar, \
             ThreadPoolExecutor(threads, thread_name_prefix="blockbuster-fix") as pool:
-        for _ in pool.map(lambda t: _fix_tile(committer, writer, t, old, new), todo):
-            bar.update()
+        for done in pool.map(lambda g: _fix_tiles(committer, writer, g, old, new), groups):
+            bar.update(done)
     return EndResult(committer.book.n_labels, has_labels,
                      _table_columns(plan, reducer) if reducer is not None else None,
                      tiles_rewritten=len(todo))
@@ -392,23 +398,45 @@ def _spatial_spacing(source: Any) -> tuple[float | None, ...] | None:
     return source.spacing_um
 
 
-def _fix_tile(committer: Committer, writer: PackWriter, tile_id: int, old: np.ndarray,
-              new: np.ndarray) -> None:
-    """Rewrite a tile whose labels were joined or moved after it was written.
+def _split_sorted(todo: list[int], keys: np.ndarray) -> list[list[int]]:
+    """``todo`` in groups of equal ``keys`` (grid order kept within a group)."""
+    order = np.argsort(keys, kind="stable")
+    cuts = np.flatnonzero(np.diff(keys[order])) + 1
+    return [[todo[i] for i in part] for part in np.split(order, cuts)] if todo else []
 
-    What the tile holds is backed up first (and made durable), and a retry starts from that
-    copy: the change is not idempotent (a label moved into a gap has the value an absorbed
-    label had), so a crash at any moment followed by a resume still gives the same result.
+
+def _fix_tiles(committer: Committer, writer: PackWriter, tile_ids: list[int], old: np.ndarray,
+               new: np.ndarray) -> int:
+    """Rewrite tiles whose labels were joined or moved after they were written: one read and
+    one write of the region holding them all (one tile, or the tiles of one shard).
+
+    What each tile holds is backed up first (and made durable before anything is written),
+    and a retry starts from that copy: the change is not idempotent (a label moved into a gap
+    has the value an absorbed label had), so a crash at any moment followed by a resume still
+    gives the same result.
     """
-    state, output = committer.state, committer.output
-    core = committer.grid.tile(tile_id).core
-    backup = state.backups.get(tile_id)
-    if backup is not None:
-        labels = state.entry(backup).get("labels")
-    else:
-        labels = output[core]
-        ref = writer.append("bak", tile_id, {}, {"labels": labels}, sync=True)
-        state.note("bak", tile_id, ref, {})
-    output[core] = apply_changes(np.asarray(labels), old, new)
-    ref = writer.append("fix", tile_id)
-    state.note("fix", tile_id, ref, {})
+    state, output, grid = committer.state, committer.output, committer.grid
+    cores = [grid.tile(t).core for t in tile_ids]
+    region = tuple(slice(min(c[a].start for c in cores), max(c[a].stop for c in cores))
+                   for a in range(len(cores[0])))
+    held = np.array(output[region])
+    within = [tuple(slice(c.start - r.start, c.stop - r.start) for c, r in
+                    zip(core, region, strict=True)) for core in cores]
+    backed_up = False
+    for t, box in zip(tile_ids, within, strict=True):
+        backup = state.backups.get(t)
+        if backup is not None:
+            held[box] = state.entry(backup).get("labels")
+        else:
+            ref = writer.append("bak", t, {}, {"labels": held[box].copy()})
+            state.note("bak", t, ref, {})
+            backed_up = True
+    if backed_up:
+        writer.sync()
+    for box in within:
+        held[box] = apply_changes(held[box], old, new)
+    output[region] = held
+    for t in tile_ids:
+        ref = writer.append("fix", t)
+        state.note("fix", t, ref, {})
+    return len(tile_ids)

@@ -244,10 +244,18 @@ class LabelBook:
         return np.array(old, np.int64), np.array(new, np.int64)
 
 
+#: Below this many voxels NumPy's searchsorted beats fastremap's per-call set-up (measured:
+#: 16 x 16 labels 15 against 96 µs; 128 x 128, 414 against 332 µs; 2048^2, 134 against 16 ms).
+FASTREMAP_MIN_VOXELS = 8192
+
+
 def apply_changes(labels: np.ndarray, old: np.ndarray, new: np.ndarray) -> np.ndarray:
     """``labels`` with every value in ``old`` (sorted) replaced by the matching ``new``.
 
-    One pass in fastremap; :func:`apply_changes_numpy` is the NumPy reference.
+    One pass in fastremap; :func:`apply_changes_numpy` is the NumPy reference. Only the
+    changes of the labels present go into fastremap's table: the end pass calls this once per
+    tile with every change of the run, so a table of all of them would make a run's end
+    quadratic in its tiles (a million tiles: ~10^5 changes, each tile a few labels).
 
     Examples
     --------
@@ -256,9 +264,12 @@ def apply_changes(labels: np.ndarray, old: np.ndarray, new: np.ndarray) -> np.nd
     """
     import fastremap
 
-    if old.size == 0 or labels.size == 0 or labels.dtype.kind not in "iu":
+    if old.size == 0 or labels.size < FASTREMAP_MIN_VOXELS or labels.dtype.kind not in "iu":
         return apply_changes_numpy(labels, old, new)
-    table = dict(zip(old.tolist(), new.tolist(), strict=True))
+    present = fastremap.unique(labels)
+    index = np.minimum(np.searchsorted(old, present), old.size - 1)
+    hit = old[index] == present
+    table = dict(zip(present[hit].tolist(), new[index[hit]].tolist(), strict=True))
     return fastremap.remap(labels, table, preserve_missing_labels=True, in_place=False
                            ).astype(labels.dtype, copy=False)
 
