@@ -84,7 +84,14 @@ QUICK_3D = {"settings": [((16, 32, 32), (8, 16, 16), None)], "tile_norm": [], "o
 #: A trained model run with other plugin settings: name -> (trained model, plugin keywords).
 #: ``cellpose3-consistent``: one network window per tile and one style vector for the whole
 #: image, so that Cellpose's prediction of a pixel no longer depends on the window it is in.
-VARIANTS = {"cellpose3-consistent": ("cellpose3", {"bsize": "tile", "style": "image"})}
+#: ``cellpose3-3d``: the same 2-D-trained network on the 3-D image with ``do_3D`` (Cellpose runs
+#: it over the xy, xz and yz planes and follows the 3-D flows), run the consistent way too; the
+#: volume's z step is about twice its pixel size (StarDist's anisotropy from the mask: 2.14).
+VARIANTS = {"cellpose3-consistent": ("cellpose3", {"bsize": "tile", "style": "image"}),
+            "cellpose3-3d": ("cellpose3", {"do_3D": True, "anisotropy": 2.0, "bsize": "tile",
+                                           "style": "image"})}
+#: The models run on the 3-D image (the others on the 2-D one).
+MODELS_3D = ("stardist3d", "cellpose3-3d")
 SWEEP_VARIANT = {"settings": [(128, 48, None), (176, 48, None)], "tile_norm": [], "own": []}
 
 MODELS = ("stardist2d", "stardist3d", "cellpose3", "cellpose3-consistent")
@@ -103,10 +110,21 @@ OVERLAP_SWEEP = {
                      for t in ((16, 32, 32), (20, 40, 40), (24, 48, 48))]
         + [(t, "default", None) for t in ((16, 32, 32), (20, 40, 40), (24, 48, 48))],
         "tile_norm": [], "own": [((20, 40, 40), (16, 32, 32))]},
+    # Cellpose's network on every plane of three orientations costs minutes a run on 2 cores:
+    # a diameter, the preferred overlap (a diameter in z planes too), and a wider halo
+    "cellpose3-3d": {
+        "settings": [((16, 32, 32), (8, 16, 16), None), ((24, 48, 48), (16, 32, 32), None),
+                     ((16, 32, 32), "default", None)],
+        "tile_norm": [], "own": []},
 }
 
 
 # -- settings -----------------------------------------------------------------------------------
+def model_ndim(name: str) -> int:
+    """The image a model runs on: 3 for the 3-D models, else 2."""
+    return 3 if name in MODELS_3D else 2
+
+
 def per_axis(value: int | Sequence[int], ndim: int) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, (tuple, list)) else (int(value),) * ndim
 
@@ -193,7 +211,7 @@ def child(params: dict[str, Any]) -> list[dict[str, Any]]:
     from blockbuster.segmenter import grid_per_axis
 
     name, sweep, modes = params["model"], params["sweep"], params["stitch"]
-    ndim = 3 if name == "stardist3d" else 2
+    ndim = model_ndim(name)
     image, _ = load_pair(ndim)
     work = Path(tempfile.mkdtemp(dir=WORK))
     seg = make_segmenter(name)
@@ -524,8 +542,9 @@ def main() -> None:
         return
 
     def extra(parser: Any) -> None:
-        parser.add_argument("--models", default=",".join(MODELS),
-                            help="comma-separated, of " + ", ".join(MODELS))
+        parser.add_argument("--models", default=None,
+                            help="comma-separated, of " + ", ".join(MODELS) + " (default), "
+                            "with --sweep overlap of " + ", ".join(OVERLAP_SWEEP) + " (default)")
         parser.add_argument("--stitch", default="iou",
                             help="comma-separated stitch modes to sweep (default: iou)")
         parser.add_argument("--cellpose3-overlay", type=Path, default=DEFAULT_OVERLAY,
@@ -534,13 +553,15 @@ def main() -> None:
                             help="make the tables from the rows earlier runs saved (" f"{ROWS}"
                             "; several files: their rows together, e.g. one per model)")
         parser.add_argument("--sweep", choices=("standard", "overlap"), default="standard",
-                            help="overlap: the StarDist models over overlaps up to the "
-                            "receptive field at several tile sizes (bench_fidelity_overlap)")
+                            help="overlap: StarDist over overlaps up to the receptive field "
+                            "at several tile sizes, and Cellpose 3 in 3-D "
+                            "(bench_fidelity_overlap)")
 
     args = parse_args(__doc__.split("\n")[0], extra)
     stitch = [m.strip() for m in args.stitch.split(",") if m.strip()]
-    names = [m.strip() for m in args.models.split(",") if m.strip()]
     by_overlap = args.sweep == "overlap"
+    models_arg = args.models or ",".join(OVERLAP_SWEEP if by_overlap else MODELS)
+    names = [m.strip() for m in models_arg.split(",") if m.strip()]
     if by_overlap:
         names = [n for n in names if n in OVERLAP_SWEEP]
     rows_path = ROWS.with_name("bench_fidelity_overlap.rows.json") if by_overlap else ROWS
@@ -606,6 +627,7 @@ def main() -> None:
                   "whole-image objects' extents per axis):": format_table(side, side_columns),
                   **tables}
     options = [*(["--sweep", "overlap"] if by_overlap else []),
+               *(["--models", args.models] if args.models else []),
                *(["--stitch", args.stitch] if args.stitch != "iou" else [])]
     if by_overlap:
         worst, worst_columns = worst_by_halo(rows)
@@ -613,7 +635,8 @@ def main() -> None:
                   "%; >= diam.: the halo holds one object diameter; >= field/2: half the "
                   "network's receptive field):": format_table(worst, worst_columns),
                   **{k: v for k, v in tables.items() if not k.startswith("Stitch modes")}}
-        report("bench_fidelity_overlap", "Seam fidelity against overlap (StarDist)", tables,
+        report("bench_fidelity_overlap", "Seam fidelity against overlap (StarDist; Cellpose 3 in "
+               "3-D)", tables,
                context_verdicts(rows) + verdicts(rows),
                {"models": models, "rows": rows, "stitch": stitch},
                command_line(__file__, args.quick, *options))
@@ -719,7 +742,7 @@ def target_verdicts(rows: list[dict[str, Any]], stitch: str = "whole") -> list[s
 def _worst_against(label: str, sel: list[dict[str, Any]], name: str) -> list[str]:
     """MET/MISSED of the worst F1 and 1:1 voxels of ``sel`` against the model's
     :data:`TARGETS`."""
-    f1_target, voxel_target = TARGETS[3 if name == "stardist3d" else 2]
+    f1_target, voxel_target = TARGETS[model_ndim(name)]
     return [verdict(f"{label}: worst F1", min(r["f1"] for r in sel), ">=", f1_target, ".3f"),
             verdict(f"{label}: worst 1:1 voxels %",
                     100 * min(r["voxels_one_to_one"] for r in sel), ">=", 100 * voxel_target,
@@ -762,16 +785,17 @@ def context_verdicts(rows: list[dict[str, Any]], stitch: str = "whole") -> list[
     out = []
     for name in sorted({r["model"] for r in rows}):
         ref = next((r for r in rows if r["model"] == name and "diameter" in r), None)
-        field = _half_field(rows, name)
-        if ref is None or field is None:
+        if ref is None:
             continue
+        field = _half_field(rows, name)  # None: a model that declares no receptive field
         diameter = _numbers(ref["diameter"])
         mine = [r for r in rows if r["model"] == name and r.get("method") == "blockbuster"
                 and r.get("stitch") == stitch and "f1" in r and "halo" in r]
         groups = [
-            (f"halo >= one object diameter {_fmt(diameter)} and >= half the receptive field "
-             f"{_fmt(field)}",
-             [r for r in mine if _covers(r["halo"], diameter) and _covers(r["halo"], field)]),
+            (f"halo >= one object diameter {_fmt(diameter)}" + (
+                f" and >= half the receptive field {_fmt(field)}" if field else ""),
+             [r for r in mine if _covers(r["halo"], diameter)
+              and (field is None or _covers(r["halo"], field))]),
             ("the preferred overlap, where the tile holds it",
              [r for r in mine if "(default)" in r["overlap"]
               and _numbers(r["halo"]) == _numbers(r["overlap"])])]
