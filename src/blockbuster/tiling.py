@@ -21,6 +21,9 @@ from .errors import InputError
 
 __all__ = ["Tile", "TileGrid", "clip_depth", "normalize_overlap"]
 
+#: Tiles a grid keeps made (a tile and its neighbours are asked for several times each).
+RECENT_TILES = 4096
+
 Region = tuple[slice, ...]
 
 
@@ -144,6 +147,10 @@ class TileGrid:
                 raise InputError(f"axis {axis} is not stitched: its tiles must be one voxel deep "
                                  "with no halo")
 
+    def __getstate__(self) -> dict[str, Any]:
+        # what the grid remembers is rebuilt where it is used, not shipped to every worker
+        return {k: v for k, v in self.__dict__.items() if k not in ("_recent", "_offsets")}
+
     # -- geometry ---------------------------------------------------------------------------
     @property
     def ndim(self) -> int:
@@ -167,18 +174,55 @@ class TileGrid:
         """Per axis, the start of every tile plus the end of the image."""
         return tuple(np.concatenate([[0], np.cumsum(c)]) for c in self.chunks)
 
+    @cached_property
+    def _strides(self) -> tuple[int, ...]:
+        """Tile-id steps per grid axis (C order)."""
+        return tuple(math.prod(self.grid_shape[a + 1:]) for a in range(self.ndim))
+
+    @cached_property
+    def _bounds(self) -> tuple[list[int], ...]:
+        return tuple(s.tolist() for s in self.starts)
+
     def tile(self, index: Sequence[int] | int) -> Tile:
+        """The tile at a grid index, or with a tile id (C order over the grid).
+
+        The engine asks for the same few tiles several times each (a tile and its neighbours),
+        a few million times in a run of a million tiles: the arithmetic is plain Python and the
+        last tiles are kept.
+        """
         if isinstance(index, (int, np.integer)):
-            index = tuple(int(i) for i in np.unravel_index(int(index), self.grid_shape))
-        index = tuple(int(i) for i in index)
+            tile_id = int(index)
+            if not 0 <= tile_id < self.n_tiles:
+                raise IndexError(f"tile {tile_id} is outside the grid of {self.n_tiles}")
+            found = self._recent.get(tile_id)
+            if found is not None:
+                return found
+            index = tuple((tile_id // s) % n for s, n in zip(self._strides, self.grid_shape,
+                                                              strict=True))
+        else:
+            index = tuple(int(i) for i in index)
+            if len(index) != self.ndim or not all(0 <= i < n for i, n in
+                                                  zip(index, self.grid_shape, strict=True)):
+                raise IndexError(f"tile {index} is outside the grid {self.grid_shape}")
+            tile_id = sum(i * s for i, s in zip(index, self._strides, strict=True))
+            found = self._recent.get(tile_id)
+            if found is not None:
+                return found
         core, padded = [], []
         for axis, i in enumerate(index):
-            lo, hi = int(self.starts[axis][i]), int(self.starts[axis][i + 1])
+            lo, hi = self._bounds[axis][i], self._bounds[axis][i + 1]
             d = self.depth[axis]
             core.append(slice(lo, hi))
             padded.append(slice(max(0, lo - d), min(self.shape[axis], hi + d)))
-        tile_id = int(np.ravel_multi_index(index, self.grid_shape))
-        return Tile(index, tile_id, tuple(core), tuple(padded))
+        tile = Tile(index, tile_id, tuple(core), tuple(padded))
+        if len(self._recent) >= RECENT_TILES:
+            self._recent.clear()  # a plain bound: tiles are cheap to make again
+        self._recent[tile_id] = tile
+        return tile
+
+    @cached_property
+    def _recent(self) -> dict[int, Tile]:
+        return {}
 
     def __iter__(self) -> Iterator[Tile]:
         for index in np.ndindex(*self.grid_shape):
@@ -194,6 +238,9 @@ class TileGrid:
         ``max_nonzero`` limits how many axes an offset moves along (1 = face neighbours only).
         """
         limit = self.ndim if max_nonzero is None else max_nonzero
+        known = self._offsets.get(limit)
+        if known is not None:
+            return list(known)
         offsets = []
         for off in itertools.product((-1, 0, 1), repeat=self.ndim):
             nz = [o for o in off if o]
@@ -201,7 +248,12 @@ class TileGrid:
                 continue
             if nz and nz[0] > 0 and len(nz) <= limit:
                 offsets.append(off)
+        self._offsets[limit] = tuple(offsets)
         return offsets
+
+    @cached_property
+    def _offsets(self) -> dict[int, tuple[tuple[int, ...], ...]]:
+        return {}
 
     @property
     def linked_axes(self) -> tuple[int, ...]:
