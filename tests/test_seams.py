@@ -14,13 +14,14 @@ from hypothesis import strategies as st
 from scipy import ndimage
 from test_stitching import local_threshold_watershed
 
-from blockbuster import run_report, tile_process
+from blockbuster import run_report, seams, tile_process
 from blockbuster.cli import main
 from blockbuster.seams import (
     CONTROL_PLANES,
     control_positions,
     control_stats,
     pair_stats,
+    stacked_matched_stats,
     stacked_pair_stats,
 )
 
@@ -96,6 +97,50 @@ def test_stacked_pair_stats_equals_a_reference_pair_by_pair(k: int, m: int, labe
     expected = [reference_pair_stats(a, b, 0.5) for a, b in zip(va, vb, strict=True)]
     assert stacked_pair_stats(va, vb, threshold=0.5).tolist() == expected
     assert [pair_stats(a, b).tolist() for a, b in zip(va, vb, strict=True)] == expected
+
+
+def reference_matched_orphans(a: np.ndarray, b: np.ndarray, la: list[int], lb: list[int],
+                              ) -> int:
+    """Orphans across a border, with sets: a label goes on where it is matched with a label
+    present on the other plane."""
+    in_a, in_b = set(a[a > 0].tolist()), set(b[b > 0].tolist())
+    real = [(x, y) for x, y in zip(la, lb, strict=True) if x in in_a and y in in_b]
+    return len(in_a - {x for x, _ in real}) + len(in_b - {y for _, y in real})
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 12), st.integers(1, 6), st.integers(0, 2**32 - 1))
+def test_stacked_matched_stats_equals_a_reference_pair_by_pair(k: int, m: int, labels: int,
+                                                               seed: int) -> None:
+    """Borders counted together (planes of several lengths, padded; matches of labels on the
+    planes and off them) equal each border counted alone and a set-based reference."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, m + 1, k)
+    va = [rng.integers(0, labels + 1, n) for n in lengths]
+    vb = [rng.integers(0, labels + 3, n) for n in lengths]
+    matches = [(rng.integers(0, labels + 2, j), rng.integers(1, labels + 4, j))
+               for j in rng.integers(0, 4, k)]
+    pad_a, pad_b = np.zeros((k, m), np.int64), np.zeros((k, m), np.int64)
+    for i, n in enumerate(lengths):
+        pad_a[i, :n], pad_b[i, :n] = va[i], vb[i]
+    together = stacked_matched_stats(pad_a, pad_b, matches, threshold=0.5).tolist()
+    for i in range(k):
+        alone = pair_stats(va[i], vb[i], *matches[i]).tolist()
+        reference = reference_pair_stats(va[i], vb[i], 0.5)
+        reference[1] = reference_matched_orphans(va[i], vb[i], *(x.tolist() for x in matches[i]))
+        assert together[i] == alone == reference
+
+
+def test_a_runs_borders_counted_together_or_alone_give_one_report(
+        nuclei: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> None:
+    def report(batch: int) -> dict[str, object]:
+        monkeypatch.setattr(seams, "BORDER_BATCH", batch)
+        labels = tile_process(nuclei, watershed20, (96, 80), 8, stitch="iou", progress=False)
+        return run_report(labels).seams
+
+    alone = report(1)
+    assert alone["borders"] > 50 and alone["axes"][0]["seam"]["objects"] > 0
+    assert report(7) == alone == report(seams.BORDER_BATCH)
 
 
 def test_control_planes_are_drawn_and_next_to_the_faces() -> None:
