@@ -565,6 +565,9 @@ def main() -> None:
     if by_overlap:
         names = [n for n in names if n in OVERLAP_SWEEP]
     rows_path = ROWS.with_name("bench_fidelity_overlap.rows.json") if by_overlap else ROWS
+    if args.models:  # a part of the models: its own file, so that parts run side by side
+        rows_path = rows_path.with_name(rows_path.name.replace(
+            ".rows.json", f".rows.{'+'.join(names)}.json"))
     rows: list[dict[str, Any]] = []
     models: dict[str, Any] = {}
     if args.from_rows:  # only the tables again, from the rows of an earlier run
