@@ -592,6 +592,35 @@ def main() -> None:
         rows += run_model(name, sweep, stitch, args.cellpose3_overlay)
         print(f"{name}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
         rows_path.write_text(json.dumps({"rows": rows, "models": models}, default=str))
+    options = [*(["--sweep", "overlap"] if by_overlap else []),
+               *(["--models", args.models] if args.models else []),
+               *(["--stitch", args.stitch] if args.stitch != "iou" else [])]
+    command = command_line(__file__, args.quick, *options)
+    if not by_overlap:
+        report("bench_fidelity", "Seam fidelity with learned models",
+               _tables(rows, models, stitch), target_verdicts(rows) + verdicts(rows),
+               {"models": models, "rows": rows, "stitch": stitch}, command)
+        return
+    # one report per image: the 2-D and the 3-D models run on different images and targets
+    for dims, name in ((2, "bench_fidelity_overlap"), (3, "bench_fidelity_overlap_3d")):
+        mine = [r for r in rows if model_ndim(r["model"]) == dims]
+        if not mine:
+            continue
+        kept = {n: m for n, m in models.items() if model_ndim(n) == dims}
+        worst, worst_columns = worst_by_halo(mine)
+        tables = {"Worst setting per halo, over the tile sizes that hold it (F1 / 1:1 voxels "
+                  "%; >= diam.: the halo holds one object diameter; >= field/2: half the "
+                  "network's receptive field):": format_table(worst, worst_columns),
+                  **{k: v for k, v in _tables(mine, kept, stitch).items()
+                     if not k.startswith("Stitch modes")}}
+        report(name, f"Seam fidelity against overlap, {dims}-D", tables,
+               context_verdicts(mine) + verdicts(mine),
+               {"models": kept, "rows": mine, "stitch": stitch}, command)
+
+
+def _tables(rows: list[dict[str, Any]], models: dict[str, Any], stitch: list[str],
+            ) -> dict[str, str]:
+    """The report's tables: the models, every row, the Cellpose diagnosis, the modes."""
     table_rows = [_cells(row) for row in rows if row.get("method") != "diagnosis"]
     declared = {r["model"]: r for r in rows if "grid" in r}
     quality = [{"model": n, "train_s": f"{m['train_seconds']:.0f}",
@@ -629,25 +658,7 @@ def main() -> None:
                   "the overlap holds one object diameter, the 90th percentile of the "
                   "whole-image objects' extents per axis):": format_table(side, side_columns),
                   **tables}
-    options = [*(["--sweep", "overlap"] if by_overlap else []),
-               *(["--models", args.models] if args.models else []),
-               *(["--stitch", args.stitch] if args.stitch != "iou" else [])]
-    if by_overlap:
-        worst, worst_columns = worst_by_halo(rows)
-        tables = {"Worst setting per halo, over the tile sizes that hold it (F1 / 1:1 voxels "
-                  "%; >= diam.: the halo holds one object diameter; >= field/2: half the "
-                  "network's receptive field):": format_table(worst, worst_columns),
-                  **{k: v for k, v in tables.items() if not k.startswith("Stitch modes")}}
-        report("bench_fidelity_overlap", "Seam fidelity against overlap (StarDist; Cellpose 3 in "
-               "3-D)", tables,
-               context_verdicts(rows) + verdicts(rows),
-               {"models": models, "rows": rows, "stitch": stitch},
-               command_line(__file__, args.quick, *options))
-        return
-    report("bench_fidelity", "Seam fidelity with learned models", tables,
-           target_verdicts(rows) + verdicts(rows),
-           {"models": models, "rows": rows, "stitch": stitch},
-           command_line(__file__, args.quick, *options))
+    return tables
 
 
 DIAG_COLUMNS = [("variant", "Cellpose run as"), ("vs_released", "whole vs released whole"),

@@ -26,7 +26,7 @@ from _common import OUT, ROOT
 DOCS = ROOT / "docs" / "benchmarks"
 NAMES = ("bench_memory", "bench_connected_components", "bench_overhead", "bench_stitching",
          "bench_parallel", "bench_whole_image", "bench_engine", "bench_fidelity",
-         "bench_fidelity_overlap", "bench_formats",
+         "bench_fidelity_overlap", "bench_fidelity_overlap_3d", "bench_formats",
          "bench_tiles", "bench_peer", "bench_gpu")
 
 
