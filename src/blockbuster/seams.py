@@ -79,11 +79,6 @@ _CONTROL_SUMS = ("planes", "objects", "orphans", "orphans2_per_object", "ambiguo
                  "ambiguous2_per_object")
 
 
-def _labels_of(plane: np.ndarray) -> np.ndarray:
-    values = np.unique(plane)
-    return values[values > 0].astype(np.int64)
-
-
 def in_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
     """``np.isin(values, sorted_set)`` for a sorted ``sorted_set``, by binary search (a tile's
     planes hold a few labels: ``np.isin``'s set-up costs more than the search).
