@@ -194,20 +194,17 @@ class TileGrid:
             tile_id = int(index)
             if not 0 <= tile_id < self.n_tiles:
                 raise IndexError(f"tile {tile_id} is outside the grid of {self.n_tiles}")
-            found = self._recent.get(tile_id)
-            if found is not None:
-                return found
-            index = tuple((tile_id // s) % n for s, n in zip(self._strides, self.grid_shape,
-                                                              strict=True))
         else:
             index = tuple(int(i) for i in index)
             if len(index) != self.ndim or not all(0 <= i < n for i, n in
                                                   zip(index, self.grid_shape, strict=True)):
                 raise IndexError(f"tile {index} is outside the grid {self.grid_shape}")
             tile_id = sum(i * s for i, s in zip(index, self._strides, strict=True))
-            found = self._recent.get(tile_id)
-            if found is not None:
-                return found
+        found = self._recent.get(tile_id)
+        if found is not None:
+            return found
+        index = tuple((tile_id // s) % n for s, n in zip(self._strides, self.grid_shape,
+                                                          strict=True))
         core, padded = [], []
         for axis, i in enumerate(index):
             lo, hi = self._bounds[axis][i], self._bounds[axis][i + 1]
