@@ -265,3 +265,61 @@ def test_cli_segment_prints_seams_and_writes_the_table(tmp_path: Path,
     rows = list(csv.DictReader((tmp_path / "img.labels.zarr.seams.tsv").open(), delimiter="\t"))
     assert len(rows) == 12  # 3 x 3 tiles: 2 * 3 * 2 borders
     assert run_report(out).overlap_auto["chosen"] == run_report(out).params["depth"]
+
+
+def _scalar_test(rate: float, dispersion: float, k: int, n: int) -> tuple[bool, float]:
+    """The per-border test written out one border at a time (the reference)."""
+    import math
+
+    if n == 0:
+        return False, 1.0
+    expected = n * rate
+    z = (k - expected) / math.sqrt(dispersion * n * rate * (1 - rate))
+    pv = 0.5 * math.erfc(z / math.sqrt(2))
+    return (pv < seams.P_VALUE and k >= seams.RATE_RATIO * expected
+            and n >= seams.MIN_OBJECTS), pv
+
+
+def _random_rows(n: int, orphan_rate: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    rows = np.zeros((n, len(seams.COLUMNS)), np.int32)
+    rows[:, 0], rows[:, 1] = np.arange(n), np.arange(n) + 1
+    rows[:, 2], rows[:, 3] = rng.integers(0, 2, n), rng.integers(0, 5000, n)
+    rows[:, 4] = rng.integers(0, 60, n)
+    rows[:, 6] = rng.binomial(rows[:, 4], orphan_rate)
+    rows[:, 5] = rows[:, 4] - rows[:, 6]
+    return rows
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.floats(0.05, 0.3), st.integers(0, 2**16))
+def test_border_flags_equal_the_test_one_border_at_a_time(orphan_rate: float,
+                                                          seed: int) -> None:
+    """Every border is tested at once; the flags and the worst borders are those of testing
+    each border alone against its axis's higher control rate."""
+    rows = _random_rows(300, orphan_rate, seed)
+    control = np.array([[1000, 3000, 300, 40, 10, 1], [800, 2000, 150, 20, 8, 1]], float)
+    near = np.array([[900, 2500, 200, 30, 9, 1], [700, 2100, 260, 40, 9, 1]], float)
+    report = seams.SeamReport.build(rows, control, near, ["y", "x"], (0, 1))
+    expected = []
+    for row in rows.tolist():
+        baselines = [seams._Baseline.of(c[row[2]], seams._ORPH) for c in (control, near)]
+        worst = max(baselines, key=lambda b: b.rate)
+        expected.append((*_scalar_test(worst.rate, worst.dispersion, row[6], row[4]),
+                         row[6] - row[4] * worst.rate))
+    assert report.flags.tolist() == [e[0] for e in expected]
+    suspect = [i for i, e in enumerate(expected)
+               if e[0] or (e[1] < seams.SUSPECT_P and e[2] > 0)]
+    ranked = sorted(suspect, key=lambda i: (expected[i][1], -expected[i][2]))
+    assert [w["tile_a"] for w in report.worst] == ranked[:seams.WORST_KEPT]
+
+
+def test_the_seam_table_is_written_in_slices(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = _random_rows(50, 0.3, 0)
+    control = np.array([[1000, 3000, 300, 40, 10, 1]] * 2, float)
+    report = seams.SeamReport.build(rows, control, control, ["y", "x"], (0, 1))
+    whole = seams.write_seam_table(report, ["y", "x"], tmp_path / "whole.csv").read_text()
+    monkeypatch.setattr(seams, "TABLE_SLICE", 7)
+    sliced = seams.write_seam_table(report, ["y", "x"], tmp_path / "sliced.csv").read_text()
+    assert sliced == whole and len(whole.splitlines()) == 51

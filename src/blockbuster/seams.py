@@ -66,6 +66,8 @@ CONTROL_PLANES = 4
 MIN_OBJECTS = 30
 #: The worst borders kept in the stored report (all of them go to the seam table).
 WORST_KEPT = 20
+#: Border rows turned into Python lists at a time when the seam table is written.
+TABLE_SLICE = 65_536
 #: Borders counted together, at most (and at most this many voxels of planes held for it).
 BORDER_BATCH = 256
 BORDER_BATCH_VOXELS = 2**18
@@ -428,7 +430,9 @@ class SeamRecorder:
             return None
         self._count_pending()
         names = axis_names or [str(a) for a in range(self.grid.ndim)]
-        return SeamReport.build(np.frombuffer(self.rows, f"i{self.rows.itemsize}").astype(np.int64)
+        # a copy (a view would stop the rows from growing), in their own width: int32 halves a
+        # large run's report
+        return SeamReport.build(np.array(self.rows, f"i{self.rows.itemsize}")
                                 .reshape(-1, len(COLUMNS)),
                                 self.control, self.near, names, self.grid.linked_axes)
 
@@ -469,13 +473,22 @@ class _Baseline:
     def test(self, k: int, n: int) -> tuple[bool, float]:
         """Whether ``k`` of ``n`` is worse than the baseline, and the one-sided p-value (a
         normal approximation, the variance widened by the dispersion)."""
-        if n == 0:
-            return False, 1.0
+        worse, pv = self.test_many(np.array([k]), np.array([n]))
+        return bool(worse[0]), float(pv[0])
+
+    def test_many(self, k: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`test` of many counts at once (a run of a million tiles has two million
+        borders); ``n == 0`` gives p-value 1."""
+        # scipy.special, not scipy.stats: stats takes a third of a second to import, at the end
+        # of every run; special is already loaded with scipy.ndimage
+        from scipy.special import erfc
+
+        k, n = np.asarray(k, np.float64), np.asarray(n, np.float64)
         expected = n * self.rate
-        z = (k - expected) / math.sqrt(self.dispersion * n * self.rate * (1 - self.rate))
-        pv = 0.5 * math.erfc(z / math.sqrt(2))  # the normal upper tail (no scipy.stats: its
-        # import takes a third of a second, at the end of every run)
-        return bool(pv < P_VALUE and k >= RATE_RATIO * expected and n >= MIN_OBJECTS), pv
+        spread = np.sqrt(self.dispersion * n * self.rate * (1 - self.rate))
+        z = np.divide(k - expected, spread, out=np.full(n.shape, -np.inf), where=n > 0)
+        pv = 0.5 * erfc(z / math.sqrt(2))  # the normal upper tail
+        return (pv < P_VALUE) & (k >= RATE_RATIO * expected) & (n >= MIN_OBJECTS), pv
 
 
 def _control_figures(sums: np.ndarray, orphans: _Baseline, ambiguous: _Baseline,
@@ -528,9 +541,9 @@ class SeamReport:
                 if count == _ORPH:
                     # a border is flagged against the higher of the two rates
                     worst_rate = anywhere if anywhere.rate >= at_faces.rate else at_faces
-                    for i in np.flatnonzero(mine):
-                        flags[i], pvalues[i] = worst_rate.test(int(rows[i, 6]), int(rows[i, 4]))
-                        excess[i] = rows[i, 6] - rows[i, 4] * worst_rate.rate
+                    flags[mine], pvalues[mine] = worst_rate.test_many(rows[mine, 6],
+                                                                      rows[mine, 4])
+                    excess[mine] = rows[mine, 6] - rows[mine, 4] * worst_rate.rate
             worse, amb_worse = verdicts["orphans"][0], verdicts["ambiguous"][0]
             bad_axes += worse or amb_worse
             axes.append({
@@ -554,7 +567,7 @@ class SeamReport:
         worst = [dict(zip(COLUMNS, (int(v) for v in rows[i]), strict=True))
                  | {"axis": names[int(rows[i, 2])], "p_value": float(f"{pvalues[i]:.3g}"),
                     "flagged": bool(flags[i])}
-                 for i in order if suspect[i]][:WORST_KEPT]
+                 for i in order[suspect[order]][:WORST_KEPT].tolist()]
         verdict = ("no borders" if len(rows) == 0 else
                    "worse than controls" if bad_axes else "clean")
         return cls(verdict, axes, len(rows), int(flags.sum()), worst, rows, flags)
@@ -603,8 +616,12 @@ def write_seam_table(report: SeamReport, names: list[str], path: str | Path) -> 
     with open(path, "w", newline="") as f:
         out = csv.writer(f, delimiter=delimiter)
         out.writerow([*COLUMNS, "orphan_rate", "flagged"])
-        for row, flag in zip(report.table.tolist(), report.flags.tolist(), strict=True):
-            rate = row[6] / row[4] if row[4] else math.nan
-            row[2] = names[row[2]]
-            out.writerow([*row, f"{rate:.4f}", int(flag)])
+        # in slices: Python lists of a million tiles' borders would take about a gigabyte
+        for start in range(0, len(report.table), TABLE_SLICE):
+            part = slice(start, start + TABLE_SLICE)
+            for row, flag in zip(report.table[part].tolist(), report.flags[part].tolist(),
+                                 strict=True):
+                rate = row[6] / row[4] if row[4] else math.nan
+                row[2] = names[row[2]]
+                out.writerow([*row, f"{rate:.4f}", int(flag)])
     return path
