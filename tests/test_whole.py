@@ -87,6 +87,29 @@ def test_a_version_is_dropped_where_the_kept_one_does_not_reach():
         assert np.array_equal(out, expected), mode
 
 
+@pytest.mark.parametrize("right_tile_sees", [None, (12, 20)])
+def test_where_tiles_disagree_the_tile_holding_the_centre_decides(right_tile_sees):
+    """Two tiles (cores x < 12 and x >= 12, halo 6) disagree about the place x = 10..16: the
+    left one sees an object there, centred at x = 12 in the right one's core; the right one sees
+    nothing, or an object of another shape (IoU 0.5, not matched). The right tile decides: no
+    fragment of the left tile's version stays on its side of the border."""
+    img = np.tile(np.arange(1, 25, dtype=np.uint8), (4, 1))  # each voxel holds x + 1
+
+    def disagreeing(tile: np.ndarray) -> np.ndarray:
+        out = np.zeros(tile.shape, np.int32)
+        start = int(tile[0, 0]) - 1  # where the tile's read region starts
+        seen = (10, 16) if start == 0 else right_tile_sees
+        if seen is not None:
+            out[:, seen[0] - start:seen[1] - start] = 1
+        return out
+
+    expected = np.zeros(img.shape, np.int32)
+    if right_tile_sees is not None:
+        expected[:, right_tile_sees[0]:right_tile_sees[1]] = 1
+    out = tile_process(img, disagreeing, (4, 12), 6, stitch="whole", progress=False)[:]
+    assert np.array_equal(out, expected)
+
+
 def test_identical_labels_with_threads_in_any_order(image):
     serial = tile_process(image, redraw, (30, 30), 8, stitch="whole", progress=False)[:]
     with ThreadPoolExecutor(4) as pool:

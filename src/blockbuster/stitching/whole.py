@@ -19,6 +19,11 @@ How it works (all of it decided from the tiles' records, never from the image):
   whose core holds the centre of the object's box), ties to the lower tile id. Every tile
   compares with the same data, so the decision is one total order: each object keeps exactly
   its best version, whichever tile decides;
+- a version that no neighbour's version matches (the tiles disagree there: one sees an object
+  the other does not, or another shape) is kept only by the tile whose core holds the centre of
+  its box, the tile that saw that place from farthest inside. Kept anywhere else it would be cut
+  to the few voxels the other tile's objects leave empty: a fragment that neither prediction
+  has (seen with Cellpose in 3-D);
 - a tile's core is written from its kept objects, then, on voxels they leave empty, from the
   kept objects of its neighbours that spill into it (their slabs), in grid order. Voxels of a
   dropped version that the kept one does not cover become background.
@@ -47,13 +52,15 @@ from ..tiling import Tile, TileGrid
 from .base import TileBoundary, local_region
 from .iou import IouStitcher
 
-__all__ = ["FAR", "WholeStitcher", "better_versions", "object_margins", "spill"]
+__all__ = ["FAR", "WholeStitcher", "better_versions", "centred_in_core", "object_margins",
+           "spill"]
 
 #: The margin of a side on the image border (no cut there): larger than any image.
 FAR = 2**40
 
 
-def object_margins(tile: Tile, grid: TileGrid, labels: np.ndarray) -> np.ndarray:
+def object_margins(tile: Tile, grid: TileGrid, labels: np.ndarray,
+                   boxes: list[tuple[slice, ...] | None] | None = None) -> np.ndarray:
     """Per local label, its bounding box's distances to the sides of the read region.
 
     Row ``l`` holds the ``2 x (linked axes)`` distances of label ``l``, sorted from the
@@ -69,7 +76,8 @@ def object_margins(tile: Tile, grid: TileGrid, labels: np.ndarray) -> np.ndarray
     axes = grid.linked_axes
     n = int(labels.max(initial=0))
     out = np.zeros((n + 1, 2 * len(axes)), np.int64)
-    for label, box in enumerate(ndimage.find_objects(labels), start=1):
+    for label, box in enumerate(ndimage.find_objects(labels) if boxes is None else boxes,
+                                start=1):
         if box is None:
             continue
         row = []
@@ -78,6 +86,30 @@ def object_margins(tile: Tile, grid: TileGrid, labels: np.ndarray) -> np.ndarray
             row.append(box[axis].start if padded.start > 0 else FAR)
             row.append(size - box[axis].stop if padded.stop < grid.shape[axis] else FAR)
         out[label] = sorted(row)
+    return out
+
+
+def centred_in_core(tile: Tile, labels: np.ndarray,
+                    boxes: list[tuple[slice, ...] | None] | None = None) -> np.ndarray:
+    """Per local label of a padded tile, whether its box's centre voxel lies in the core.
+
+    The centre voxel of a box ``[start, stop)`` is ``(start + stop - 1) // 2``.
+
+    Examples
+    --------
+    >>> grid = TileGrid((12,), (4,), depth=(2,))
+    >>> labels = np.array([0, 1, 1, 0, 2, 2, 0, 0])  # the middle tile, padded [2:10], core [4:8]
+    >>> centred_in_core(grid.tile(1), labels).tolist()
+    [False, False, True]
+    """
+    out = np.zeros(int(labels.max(initial=0)) + 1, bool)
+    lows = [c.start - p.start for c, p in zip(tile.core, tile.padded, strict=True)]
+    highs = [c.stop - p.start for c, p in zip(tile.core, tile.padded, strict=True)]
+    for label, box in enumerate(ndimage.find_objects(labels) if boxes is None else boxes,
+                                start=1):
+        if box is not None:
+            out[label] = all(lo <= (b.start + b.stop - 1) // 2 < hi
+                             for b, lo, hi in zip(box, lows, highs, strict=True))
     return out
 
 
@@ -108,7 +140,9 @@ class WholeStitcher(IouStitcher):
 
     def boundary_arrays(self, tile: Tile, labels: np.ndarray) -> dict[str, np.ndarray]:
         out = super().boundary_arrays(tile, labels)
-        out["margins"] = object_margins(tile, self.grid, labels)
+        boxes = ndimage.find_objects(labels)
+        out["margins"] = object_margins(tile, self.grid, labels, boxes)
+        out["centred"] = centred_in_core(tile, labels, boxes)
         return out
 
     def all_neighbours(self, tile: Tile) -> list[Tile]:
@@ -127,6 +161,7 @@ class WholeStitcher(IouStitcher):
         margins = rec.arrays.get("margins")
         if margins is None or not keep.any():
             return keep
+        matched = np.zeros_like(keep)
         for backward in (True, False):
             for other, off in self.neighbours(tile, backward=backward):
                 o_rec = record_of(other.id)
@@ -140,6 +175,10 @@ class WholeStitcher(IouStitcher):
                 if lt.size:
                     lost = better_versions(o_margins[lo], margins[lt], other.id < tile.id)
                     keep[lt[lost]] = False
+                    matched[lt] = True
+        centred = rec.arrays.get("centred")
+        if centred is not None:  # (records of runs started before it have none)
+            keep &= matched | centred
         return keep
 
 
